@@ -1,0 +1,125 @@
+"""Encoder/decoder pairs for 3x32x32 images, one pair per ``model/arch`` config.
+
+Every encoder maps ``x`` of shape ``(B, 3, 32, 32)`` to ``(B, 2H)``: the posterior mean and
+log-variance side by side. Every decoder maps ``z`` of shape ``(B, H)`` to the decoder mean
+``x_hat`` of shape ``(B, 3, 32, 32)`` in (0, 1). Any latent size ``H >= 1`` works.
+"""
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+IMAGE_SHAPE = (3, 32, 32)
+IMAGE_DIMS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
+
+
+def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear layers with SiLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.SiLU())
+    return nn.Sequential(*layers)
+
+
+class MLPEncoder(nn.Sequential):
+    """Flattens x into R^3072 and maps it through fully connected layers."""
+
+    def __init__(self, latent_dim: int, hidden_dims: Sequence[int] = (1024, 512)) -> None:
+        super().__init__(nn.Flatten(), _mlp([IMAGE_DIMS, *hidden_dims, 2 * latent_dim]))
+
+
+class MLPDecoder(nn.Sequential):
+    """Maps z through fully connected layers to R^3072 and reshapes it into an image."""
+
+    def __init__(self, latent_dim: int, hidden_dims: Sequence[int] = (512, 1024)) -> None:
+        super().__init__(
+            _mlp([latent_dim, *hidden_dims, IMAGE_DIMS]), nn.Sigmoid(), nn.Unflatten(1, IMAGE_SHAPE)
+        )
+
+
+class ConvEncoder(nn.Sequential):
+    """Strided 4x4 convolutions halve the resolution per channel entry: 32 -> 32 / 2^len."""
+
+    def __init__(self, latent_dim: int, channels: Sequence[int] = (64, 128, 256)) -> None:
+        layers: list[nn.Module] = []
+        c_in = IMAGE_SHAPE[0]
+        for c_out in channels:
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU()]
+            c_in = c_out
+        side = IMAGE_SHAPE[1] >> len(channels)
+        layers += [nn.Flatten(), nn.Linear(c_in * side * side, 2 * latent_dim)]
+        super().__init__(*layers)
+
+
+class ConvDecoder(nn.Sequential):
+    """Mirror of ``ConvEncoder``: a linear map to a small feature map, then transposed convs."""
+
+    def __init__(self, latent_dim: int, channels: Sequence[int] = (256, 128, 64)) -> None:
+        side = IMAGE_SHAPE[1] >> len(channels)
+        layers: list[nn.Module] = [
+            nn.Linear(latent_dim, channels[0] * side * side),
+            nn.Unflatten(1, (channels[0], side, side)),
+        ]
+        for c_in, c_out in zip(channels, [*channels[1:], IMAGE_SHAPE[0]], strict=True):
+            layers += [nn.SiLU(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
+        layers.append(nn.Sigmoid())
+        super().__init__(*layers)
+
+
+class ResidualBlock(nn.Module):
+    """``x + f(x)`` with f = (GroupNorm, SiLU, 3x3 conv) twice, at constant shape."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        groups = min(8, channels)
+        self.body = nn.Sequential(
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class ResNetEncoder(nn.Sequential):
+    """Per stage: residual blocks, then a strided conv that halves the resolution."""
+
+    def __init__(
+        self, latent_dim: int, channels: Sequence[int] = (32, 64, 128), blocks_per_stage: int = 1
+    ) -> None:
+        layers: list[nn.Module] = [nn.Conv2d(IMAGE_SHAPE[0], channels[0], 3, padding=1)]
+        for c_in, c_out in zip(channels, [*channels[1:], channels[-1]], strict=True):
+            layers += [ResidualBlock(c_in) for _ in range(blocks_per_stage)]
+            layers.append(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1))
+        side = IMAGE_SHAPE[1] >> len(channels)
+        layers += [nn.SiLU(), nn.Flatten(), nn.Linear(channels[-1] * side * side, 2 * latent_dim)]
+        super().__init__(*layers)
+
+
+class ResNetDecoder(nn.Sequential):
+    """Mirror of ``ResNetEncoder``: per stage, 2x nearest upsampling + conv, then residual blocks."""
+
+    def __init__(
+        self, latent_dim: int, channels: Sequence[int] = (128, 64, 32), blocks_per_stage: int = 1
+    ) -> None:
+        side = IMAGE_SHAPE[1] >> len(channels)
+        layers: list[nn.Module] = [
+            nn.Linear(latent_dim, channels[0] * side * side),
+            nn.Unflatten(1, (channels[0], side, side)),
+        ]
+        for c_in, c_out in zip([channels[0], *channels[:-1]], channels, strict=True):
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c_in, c_out, 3, padding=1)]
+            layers += [ResidualBlock(c_out) for _ in range(blocks_per_stage)]
+        layers += [
+            nn.GroupNorm(min(8, channels[-1]), channels[-1]),
+            nn.SiLU(),
+            nn.Conv2d(channels[-1], IMAGE_SHAPE[0], 3, padding=1),
+            nn.Sigmoid(),
+        ]
+        super().__init__(*layers)

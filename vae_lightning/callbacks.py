@@ -1,0 +1,60 @@
+"""Image grids of reconstructions and prior samples, written as PNG and sent to the loggers."""
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+
+class ImageGrids(L.Callback):
+    """Every ``every_n_epochs`` epochs and after the last one, saves two PNG grids:
+
+    ``reconstructions_epoch=NNN.png`` (the first validation images in the top half, their
+    reconstructions at the same places in the bottom half) and ``samples_epoch=NNN.png`` (decoder means for fixed prior draws).
+    """
+
+    def __init__(
+        self, output_dir: str, every_n_epochs: int = 5, num_images: int = 32, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.output_dir = Path(output_dir)
+        self.every_n_epochs = every_n_epochs
+        self.num_images = num_images
+        self.seed = seed
+        self._originals: Tensor | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_) -> None:
+        if batch_idx == 0 and self._originals is None:
+            self._originals = batch[0][: self.num_images].detach()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        is_last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
+        if trainer.sanity_checking or self._originals is None:
+            return
+        if (epoch + 1) % self.every_n_epochs == 0 or is_last or trainer.should_stop:
+            self._write(trainer, pl_module, epoch)
+
+    @rank_zero_only
+    @torch.no_grad()
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        originals = self._originals.to(pl_module.device)
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        grids = {
+            "reconstructions": torch.cat([originals, pl_module(originals)]),
+            "samples": pl_module.vae.sample(self.num_images, generator=generator),
+        }
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for name, images in grids.items():
+            grid = make_grid(images.clamp(0, 1).float().cpu(), nrow=min(8, self.num_images))
+            path = self.output_dir / f"{name}_epoch={epoch:03d}.png"
+            save_image(grid, path)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(f"images/{name}", [str(path)], step=trainer.global_step)
+                elif isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_image(f"images/{name}", grid, trainer.global_step)

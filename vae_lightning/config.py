@@ -1,0 +1,64 @@
+"""Checks of the composed config, so that bad settings fail before any data or model is built."""
+
+from numbers import Real
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vae_lightning.loggers import WANDB_MODES
+from vae_lightning.model import SIGMA_MODES
+
+
+class ConfigError(ValueError):
+    """A setting has a value that is not allowed; the message names the key and what is."""
+
+
+def _get(cfg: DictConfig, key: str):
+    return OmegaConf.select(cfg, key, throw_on_missing=True)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _check(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {key} must be {allowed}.")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` for the first setting that is out of range or of the wrong type."""
+    for key in ("model.latent_dim", "data.batch_size"):
+        value = _get(cfg, key)
+        _check(_is_int(value) and value >= 1, key, value, "an integer >= 1")
+    for key in ("model.sigma", "model.optimizer.lr"):
+        value = _get(cfg, key)
+        _check(_is_real(value) and value > 0, key, value, "a number > 0")
+    beta = _get(cfg, "model.beta")
+    _check(_is_real(beta) and beta >= 0, "model.beta", beta, "a number >= 0")
+    mode = _get(cfg, "model.sigma_mode")
+    _check(mode in SIGMA_MODES, "model.sigma_mode", mode, f"one of {', '.join(SIGMA_MODES)}")
+    workers = _get(cfg, "data.num_workers")
+    _check(_is_int(workers) and workers >= 0, "data.num_workers", workers, "an integer >= 0")
+    fraction = _get(cfg, "data.val_fraction")
+    _check(
+        _is_real(fraction) and 0 < fraction < 1, "data.val_fraction", fraction, "between 0 and 1"
+    )
+    epochs = _get(cfg, "trainer.max_epochs")
+    _check(
+        epochs is None or (_is_int(epochs) and (epochs >= 1 or epochs == -1)),
+        "trainer.max_epochs",
+        epochs,
+        "an integer >= 1, or -1 for no limit",
+    )
+    _check(_is_int(_get(cfg, "seed")), "seed", _get(cfg, "seed"), "an integer")
+    wandb_mode = OmegaConf.select(cfg, "logger.wandb.mode")
+    if wandb_mode is not None:
+        _check(wandb_mode in WANDB_MODES, "logger.wandb.mode", wandb_mode, f"one of {WANDB_MODES}")
+    ckpt_path = _get(cfg, "ckpt_path")
+    if ckpt_path is not None:
+        _check(Path(ckpt_path).is_file(), "ckpt_path", ckpt_path, "an existing checkpoint file")

@@ -1,0 +1,87 @@
+"""W&B logger that never prompts: it goes offline by itself when it cannot log online."""
+
+import logging
+import netrc
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def _wandb_host() -> str:
+    return urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+
+
+def has_wandb_api_key() -> bool:
+    """True when ``WANDB_API_KEY`` is set or ``wandb login`` stored a key in the netrc file."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        entry = netrc.netrc(path).authenticators(_wandb_host())
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def is_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def resolve_wandb_mode(mode: str = "auto") -> tuple[str, str | None]:
+    """The W&B mode to use and, when ``auto`` falls back to offline, the reason why.
+
+    ``WANDB_MODE`` in the environment wins; ``auto`` means online only with an API key and a
+    reachable server.
+    """
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"], None
+    if mode != "auto":
+        return mode, None
+    if not has_wandb_api_key():
+        return "offline", "no API key (set WANDB_API_KEY or run `wandb login`)"
+    if not is_reachable(_wandb_host()):
+        return "offline", f"{_wandb_host()} cannot be reached"
+    return "online", None
+
+
+def wandb_logger(
+    project: str,
+    save_dir: str,
+    mode: str = "auto",
+    name: str | None = None,
+    group: str | None = None,
+    tags: Sequence[str] = (),
+    **kwargs,
+) -> WandbLogger:
+    """A ``WandbLogger`` whose run lives under ``save_dir/wandb``; see ``resolve_wandb_mode``."""
+    if mode not in WANDB_MODES:
+        raise ValueError(f"logger.wandb.mode must be one of {WANDB_MODES}, got {mode!r}")
+    mode, reason = resolve_wandb_mode(mode)
+    if reason and rank_zero_only.rank == 0:
+        log.warning(
+            f"W&B: {reason}; logging offline. Upload later with: "
+            f"wandb sync {Path(save_dir) / 'wandb'}/offline-run-*"
+        )
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        project=project,
+        save_dir=save_dir,
+        name=name or "defaults",
+        group=group,
+        tags=list(tags),
+        mode=mode,
+        **kwargs,
+    )

@@ -1,0 +1,97 @@
+"""The VAE: q(z|x) = N(mu(x), diag sigma_q^2(x)), p(z) = N(0, I), p(x|z) = N(x_hat(z), sigma^2 I)."""
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+SigmaMode = Literal["fixed", "learned", "optimal"]
+SIGMA_MODES: tuple[str, ...] = ("fixed", "learned", "optimal")
+SIGMA_MIN = 1e-3
+"""Floor on the decoder sigma in every mode, so that log sigma stays finite."""
+
+
+class VAEOutput(NamedTuple):
+    x_hat: Tensor
+    mu: Tensor
+    logvar: Tensor
+    z: Tensor
+
+
+class VAE(nn.Module):
+    """Encoder, reparameterized sampling, decoder, and the decoder's standard deviation sigma.
+
+    ``sigma_mode`` chooses how sigma is set: ``fixed`` keeps ``sigma``; ``learned`` trains a single
+    log sigma by gradient, starting at ``sigma``; ``optimal`` fits sigma^2 = per-image MSE in the
+    training loss (the calibrated decoder) and keeps a running mean of the training MSE as the
+    data-independent sigma used for reported likelihoods.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        latent_dim: int,
+        sigma: float = 0.1,
+        sigma_mode: SigmaMode = "fixed",
+        sigma_momentum: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if sigma_mode not in SIGMA_MODES:
+            raise ValueError(f"sigma_mode must be one of {SIGMA_MODES}, got {sigma_mode!r}")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.latent_dim = latent_dim
+        self.sigma_mode = sigma_mode
+        self.sigma_momentum = sigma_momentum
+        log_sigma = torch.tensor(math.log(sigma))
+        if sigma_mode == "learned":
+            self.log_sigma = nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_sigma", log_sigma)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean and log-variance, each of shape ``(B, H)``."""
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu, logvar
+
+    @staticmethod
+    def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
+        """z = mu + sigma_q * eps with eps ~ N(0, I): a sample that gradients flow through."""
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: Tensor) -> VAEOutput:
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar)
+        return VAEOutput(self.decode(z), mu, logvar, z)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """Decoder means for z drawn from the prior N(0, I)."""
+        device = self.log_sigma.device
+        z = torch.randn(num_samples, self.latent_dim, generator=generator, device=device)
+        return self.decode(z)
+
+    def decoder_log_sigma(self) -> Tensor:
+        """The model's log sigma: what every reported likelihood uses (independent of the data)."""
+        return self.log_sigma.clamp_min(math.log(SIGMA_MIN))
+
+    def fitted_log_sigma(self, squared_error: Tensor, num_dims: int) -> Tensor:
+        """Log sigma for the training loss: per image ``0.5 log MSE`` in ``optimal`` mode."""
+        if self.sigma_mode != "optimal":
+            return self.decoder_log_sigma()
+        return 0.5 * torch.log((squared_error / num_dims).clamp_min(SIGMA_MIN**2))
+
+    @torch.no_grad()
+    def update_running_sigma(self, squared_error: Tensor, num_dims: int) -> None:
+        """In ``optimal`` mode, move sigma^2 towards this batch's mean per-pixel MSE."""
+        if self.sigma_mode != "optimal":
+            return
+        variance = torch.exp(2.0 * self.log_sigma)
+        batch_mse = squared_error.mean() / num_dims
+        variance = variance + self.sigma_momentum * (batch_mse - variance)
+        self.log_sigma.copy_(0.5 * torch.log(variance))

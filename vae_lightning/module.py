@@ -1,0 +1,104 @@
+"""The LightningModule: a VAE, its training loss, and the honest per-split metrics."""
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from vae_lightning.elbo import (
+    bits_per_dim,
+    gaussian_log_likelihood,
+    kl_to_standard_normal,
+    squared_error,
+)
+from vae_lightning.model import VAE, SigmaMode
+
+METRICS = ("loss", "recon_mse", "kl", "elbo", "bpd")
+"""Logged as ``{split}/{name}``: loss (training objective), recon_mse (per pixel), kl and elbo
+(nats per image), bpd (bits per dimension of the 8-bit image, a bound from the ELBO)."""
+
+
+class VAELitModule(L.LightningModule):
+    """Trains a VAE by minimizing ``||x - x_hat||^2 / (2 sigma^2) + beta * KL`` per image.
+
+    ``arch`` holds ``encoder`` and ``decoder`` configs (``_target_`` + kwargs, without the latent
+    size) and ``optimizer`` a partial optimizer config, so the module is rebuilt from its
+    checkpoint's hyperparameters alone.
+    """
+
+    def __init__(
+        self,
+        arch: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        latent_dim: int = 32,
+        sigma: float = 0.1,
+        sigma_mode: SigmaMode = "fixed",
+        beta: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.vae = VAE(
+            encoder=instantiate(arch["encoder"], latent_dim=latent_dim),
+            decoder=instantiate(arch["decoder"], latent_dim=latent_dim),
+            latent_dim=latent_dim,
+            sigma=sigma,
+            sigma_mode=sigma_mode,
+        )
+        self.beta = beta
+        self.eval_metrics = nn.ModuleDict(
+            {f"{split}_{name}": MeanMetric() for split in ("val", "test") for name in METRICS}
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction: the decoder mean for one posterior sample."""
+        return self.vae(x).x_hat
+
+    def compute_terms(self, x: Tensor) -> dict[str, Tensor]:
+        """Per-image loss and metrics (each of shape ``(B,)``) for a batch in [0, 1]."""
+        x_hat, mu, logvar, _ = self.vae(x)
+        num_dims = x[0].numel()
+        sq_err = squared_error(x, x_hat)
+        kl = kl_to_standard_normal(mu, logvar)
+
+        log_sigma = self.vae.fitted_log_sigma(sq_err, num_dims)
+        recon = 0.5 * sq_err * torch.exp(-2.0 * log_sigma)
+        if self.vae.sigma_mode != "fixed":
+            recon = recon + num_dims * log_sigma  # a constant only when sigma is fixed
+        elbo = gaussian_log_likelihood(x, x_hat, self.vae.decoder_log_sigma()) - kl
+        return {
+            "loss": recon + self.beta * kl,
+            "recon_mse": sq_err / num_dims,
+            "kl": kl,
+            "elbo": elbo,
+            "bpd": bits_per_dim(elbo, num_dims),
+            "squared_error": sq_err,
+        }
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x = batch[0]
+        terms = self.compute_terms(x)
+        self.vae.update_running_sigma(terms["squared_error"], x[0].numel())
+        means = {f"train/{name}": terms[name].detach().mean() for name in METRICS}
+        means["train/sigma"] = self.vae.decoder_log_sigma().detach().exp()
+        self.log_dict(means, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return terms["loss"].mean()
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
+        terms = self.compute_terms(batch[0])
+        for name in METRICS:
+            metric = self.eval_metrics[f"{split}_{name}"]
+            metric.update(terms[name])
+            self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return instantiate(self.hparams.optimizer)(params=self.parameters())

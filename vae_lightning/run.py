@@ -1,0 +1,81 @@
+"""Hydra run bookkeeping: W&B groups per sweep, the resolved config, DDP inside a multirun."""
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, read_write
+
+_CONFIG_FLAGS = ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir")
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_group() -> str | None:
+    """A name shared by the jobs of one multirun (its folder's date and time), else None."""
+    if not is_multirun():
+        return None
+    return "sweep_" + "_".join(Path(HydraConfig.get().sweep.dir).parts[-2:])
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"sigma": 0.1}}`` -> ``{"model.sigma": 0.1}``, for loggers' config tables."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path:
+    path = Path(output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+    return path
+
+
+def _config_flags(args: list[str]) -> list[str]:
+    """The ``--config-name``-style flags of a command line, with their values."""
+    kept: list[str] = []
+    for i, arg in enumerate(args):
+        if arg in _CONFIG_FLAGS and i + 1 < len(args):
+            kept += [arg, args[i + 1]]
+        elif arg.startswith(tuple(f"{flag}=" for flag in _CONFIG_FLAGS)):
+            kept.append(arg)
+    return kept
+
+
+@contextmanager
+def ddp_relaunch_as_this_job() -> Iterator[None]:
+    """Make Lightning's DDP launcher start the other ranks as copies of this job only.
+
+    The launcher re-runs ``sys.argv`` with ``hydra.run.dir`` set to HydraConfig's ``run.dir``.
+    In a multirun, that argv holds ``-m`` and the whole sweep, and ``run.dir`` is a fresh dated
+    folder, so every rank would start its own sweep in new folders. Here argv becomes this
+    job's overrides and ``run.dir`` this job's output folder, for as long as the job runs.
+    """
+    hydra_cfg = HydraConfig.get()
+    saved_argv, saved_dir = sys.argv, hydra_cfg.run.dir
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sys.argv = [saved_argv[0], *_config_flags(saved_argv[1:]), *hydra_cfg.overrides.task]
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        with read_write(hydra_cfg):
+            hydra_cfg.run.dir = saved_dir

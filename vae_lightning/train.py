@@ -1,0 +1,75 @@
+"""Train a VAE on CIFAR-10: ``python -m vae_lightning.train [hydra overrides] [-m]``."""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from vae_lightning.config import ConfigError, validate_config
+from vae_lightning.run import (
+    ddp_relaunch_as_this_job,
+    flatten,
+    register_resolvers,
+    save_resolved_config,
+)
+
+log = logging.getLogger(__name__)
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = str(next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if p.is_dir()))
+
+
+def _finish_wandb_run() -> None:
+    """End this job's W&B run, so that the next job of a multirun gets a run of its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit on train/val, test the best checkpoint, and return the final metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    model: L.LightningModule = instantiate(cfg.model, _recursive_=False)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    if rank_zero_only.rank == 0:
+        save_resolved_config(cfg, cfg.paths.output_dir)
+    resolved = flatten(OmegaConf.to_container(cfg, resolve=True))
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved)
+
+    try:
+        with ddp_relaunch_as_this_job():
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            if cfg.test:
+                checkpoint = trainer.checkpoint_callback
+                best = checkpoint.best_model_path if checkpoint else ""
+                trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+    finally:
+        _finish_wandb_run()
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        validate_config(cfg)
+    except ConfigError as err:
+        raise SystemExit(f"Invalid configuration: {err}") from None
+    metrics = train(cfg)
+    log.info(f"Run folder: {cfg.paths.output_dir}")
+    return metrics.get(cfg.optimized_metric)
+
+
+register_resolvers()
+
+if __name__ == "__main__":
+    main()
