@@ -72,8 +72,13 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """Decoder means for z drawn from the prior N(0, I)."""
-        device = self.log_sigma.device
-        z = torch.randn(num_samples, self.latent_dim, generator=generator, device=device)
+        z = torch.randn(
+            num_samples,
+            self.latent_dim,
+            generator=generator,
+            device=self.log_sigma.device,
+            dtype=self.log_sigma.dtype,
+        )
         return self.decode(z)
 
     def decoder_log_sigma(self) -> Tensor:

@@ -6,6 +6,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -20,6 +21,12 @@ from vae_lightning.model import VAE, SigmaMode
 METRICS = ("loss", "recon_mse", "kl", "elbo", "bpd")
 """Logged as ``{split}/{name}``: loss (training objective), recon_mse (per pixel), kl and elbo
 (nats per image), bpd (bits per dimension of the 8-bit image, a bound from the ELBO)."""
+
+
+def _to_plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return dict(config)
 
 
 class VAELitModule(L.LightningModule):
@@ -40,7 +47,9 @@ class VAELitModule(L.LightningModule):
         beta: float = 1.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        # Plain containers, so that checkpoints load with torch.load(weights_only=True).
+        arch, optimizer = _to_plain(arch), _to_plain(optimizer)
+        self.save_hyperparameters(logger=False)  # reads the arguments' current local values
         self.vae = VAE(
             encoder=instantiate(arch["encoder"], latent_dim=latent_dim),
             decoder=instantiate(arch["decoder"], latent_dim=latent_dim),

@@ -1,0 +1,151 @@
+"""The VAE's sampling and sigma modes, and the LightningModule's loss and reported metrics."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+from vae_lightning.elbo import bits_per_dim
+from vae_lightning.model import SIGMA_MIN
+from vae_lightning.module import VAELitModule
+
+D = 3 * 32 * 32
+MLP = {
+    "encoder": {"_target_": "vae_lightning.architectures.MLPEncoder", "hidden_dims": [64]},
+    "decoder": {"_target_": "vae_lightning.architectures.MLPDecoder", "hidden_dims": [64]},
+}
+ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+
+
+def make_module(**kwargs) -> VAELitModule:
+    torch.manual_seed(0)
+    return VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, **kwargs).double()
+
+
+def batch(n: int = 6) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
+def test_reparameterization_has_the_posterior_moments_and_passes_gradients():
+    mu = torch.tensor([[1.0, -2.0]], requires_grad=True)
+    logvar = torch.tensor([[0.0, math.log(0.25)]], requires_grad=True)
+    torch.manual_seed(0)
+    z = make_module().vae.reparameterize(mu.expand(200_000, 2), logvar.expand(200_000, 2))
+    torch.testing.assert_close(z.mean(0), torch.tensor([1.0, -2.0]), atol=0.01, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.tensor([1.0, 0.5]), atol=0.01, rtol=0)
+    z.sum().backward()
+    assert mu.grad is not None and logvar.grad is not None and logvar.grad.abs().sum() > 0
+
+
+
+
+def test_fixed_sigma_loss_and_metrics():
+    module = make_module(sigma=0.2, beta=1.0)
+    x = batch()
+    torch.manual_seed(11)
+    terms = module.compute_terms(x)
+    torch.manual_seed(11)  # the same posterior draw, recomputed with torch.distributions
+    out = module.vae(x)
+    recon_log_p = Normal(out.x_hat, 0.2).log_prob(x).flatten(1).sum(1)
+    sq = (x - out.x_hat).pow(2).flatten(1).sum(1)
+    kl = -0.5 * (1 + out.logvar - out.mu**2 - out.logvar.exp()).sum(1)
+    # The training objective: ||x - x_hat||^2 / (2 sigma^2) + KL, no constant.
+    torch.testing.assert_close(terms["loss"], sq / (2 * 0.2**2) + kl)
+    # The reported ELBO keeps the Gaussian's constant.
+    torch.testing.assert_close(terms["elbo"], recon_log_p - kl)
+    constant = D * math.log(0.2) + 0.5 * D * math.log(2 * math.pi)
+    torch.testing.assert_close(-terms["elbo"] - terms["loss"], torch.full_like(kl, constant))
+    torch.testing.assert_close(terms["recon_mse"], sq / D)
+    torch.testing.assert_close(terms["bpd"], bits_per_dim(recon_log_p - kl, D))
+
+
+def test_beta_weights_only_the_training_loss():
+    x = batch()
+    torch.manual_seed(11)
+    base = make_module(beta=1.0).compute_terms(x)
+    torch.manual_seed(11)
+    weighted = make_module(beta=0.25).compute_terms(x)
+    torch.testing.assert_close(weighted["elbo"], base["elbo"])
+    torch.testing.assert_close(weighted["loss"], base["loss"] - 0.75 * base["kl"])
+
+
+def test_learned_sigma_is_a_parameter_with_the_full_negative_log_likelihood():
+    module = make_module(sigma=0.3, sigma_mode="learned")
+    assert any(p is module.vae.log_sigma for p in module.parameters())
+    x = batch()
+    torch.manual_seed(11)
+    terms = module.compute_terms(x)
+    # loss = -log p(x|z) - (D/2) log(2 pi) + KL: sigma gets a gradient from both terms.
+    torch.testing.assert_close(
+        terms["loss"], -terms["elbo"] - 0.5 * D * math.log(2 * math.pi), rtol=1e-10, atol=1e-8
+    )
+    terms["loss"].mean().backward()
+    sq = terms["squared_error"].detach()
+    # d/d log sigma of sq/(2 sigma^2) + D log sigma = -sq/sigma^2 + D
+    sigma_sq = module.vae.log_sigma.detach().exp() ** 2  # 0.3, as stored in float32
+    expected = (-sq / sigma_sq + D).mean()
+    torch.testing.assert_close(module.vae.log_sigma.grad, expected)
+
+
+def test_optimal_sigma_uses_per_image_mse_and_reports_with_a_running_sigma():
+    module = make_module(sigma=0.5, sigma_mode="optimal")
+    x = batch()
+    torch.manual_seed(11)
+    terms = module.compute_terms(x)
+    mse = terms["recon_mse"]
+    # sigma_i^2 = mse_i: loss = D/2 + (D/2) log mse_i + KL
+    torch.testing.assert_close(terms["loss"], 0.5 * D + 0.5 * D * mse.log() + terms["kl"])
+    # ... whose gradient equals that of the loss with sigma_i held fixed (envelope theorem).
+    grads = torch.autograd.grad(terms["loss"].sum(), module.vae.decoder.parameters())
+    torch.manual_seed(11)
+    out = module.vae(x)
+    sq = (x - out.x_hat).pow(2).flatten(1).sum(1)
+    held = sq / (2 * mse.detach())
+    held_grads = torch.autograd.grad(held.sum(), module.vae.decoder.parameters())
+    for g, h in zip(grads, held_grads, strict=True):
+        torch.testing.assert_close(g, h)
+    # Reported likelihoods use the data-independent sigma (here still its start value 0.5).
+    assert module.vae.decoder_log_sigma().exp().item() == pytest.approx(0.5)
+    # A training step moves sigma^2 towards the batch MSE by the momentum.
+    module.vae.update_running_sigma(terms["squared_error"], D)
+    expected = 0.25 + 0.01 * (mse.mean().item() - 0.25)
+    assert module.vae.decoder_log_sigma().exp().item() ** 2 == pytest.approx(expected)
+
+
+def test_sigma_is_floored():
+    module = make_module(sigma=1e-6)
+    assert module.vae.decoder_log_sigma().exp().item() == pytest.approx(SIGMA_MIN)
+
+
+def test_prior_samples_have_image_shape_and_follow_the_generator():
+    module = make_module()
+    a = module.vae.sample(3, generator=torch.Generator().manual_seed(5))
+    b = module.vae.sample(3, generator=torch.Generator().manual_seed(5))
+    assert a.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(a, b)
+
+
+def test_training_step_reduces_the_loss_on_a_fixed_batch():
+    module = make_module().float()
+    colors = torch.rand(6, 3, 1, 1, generator=torch.Generator().manual_seed(3))
+    x = colors.expand(6, 3, 32, 32).contiguous()  # flat colours: learnable in a few steps
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam)
+    losses = []
+    for _ in range(100):
+        optimizer.zero_grad()
+        loss = module.compute_terms(x)["loss"].mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+
+
+def test_module_round_trips_through_its_hyperparameters(tmp_path):
+    module = make_module(sigma=0.2, sigma_mode="learned")
+    rebuilt = VAELitModule(**module.hparams).double()
+    assert rebuilt.hparams == module.hparams
+    assert sum(p.numel() for p in rebuilt.parameters()) == sum(
+        p.numel() for p in module.parameters()
+    )
