@@ -1,11 +1,13 @@
 """Hydra run bookkeeping: W&B groups per sweep, the resolved config, DDP inside a multirun."""
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
@@ -59,16 +61,18 @@ def _config_flags(args: list[str]) -> list[str]:
 
 
 @contextmanager
-def ddp_relaunch_as_this_job() -> Iterator[None]:
-    """Make Lightning's DDP launcher start the other ranks as copies of this job only.
+def isolated_ddp_job() -> Iterator[None]:
+    """Run this Hydra job's DDP ranks for this job only, and leave nothing behind for the next.
 
-    The launcher re-runs ``sys.argv`` with ``hydra.run.dir`` set to HydraConfig's ``run.dir``.
-    In a multirun, that argv holds ``-m`` and the whole sweep, and ``run.dir`` is a fresh dated
-    folder, so every rank would start its own sweep in new folders. Here argv becomes this
-    job's overrides and ``run.dir`` this job's output folder, for as long as the job runs.
+    Lightning's launcher starts the other ranks by re-running ``sys.argv`` with ``hydra.run.dir``
+    set to HydraConfig's ``run.dir``. In a multirun, that argv holds ``-m`` and the whole sweep,
+    and ``run.dir`` is a fresh dated folder, so every rank would start its own sweep in new
+    folders. Here argv becomes this job's overrides and ``run.dir`` this job's output folder.
+    Afterwards the process group and the variables the launcher set (``MASTER_PORT``, ...) are
+    removed, so that the next job of the sweep starts its own.
     """
     hydra_cfg = HydraConfig.get()
-    saved_argv, saved_dir = sys.argv, hydra_cfg.run.dir
+    saved_argv, saved_dir, saved_env = sys.argv, hydra_cfg.run.dir, dict(os.environ)
     with read_write(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -76,6 +80,10 @@ def ddp_relaunch_as_this_job() -> Iterator[None]:
     try:
         yield
     finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)
         sys.argv = saved_argv
         with read_write(hydra_cfg):
             hydra_cfg.run.dir = saved_dir

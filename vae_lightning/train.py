@@ -11,8 +11,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.config import ConfigError, validate_config
+from vae_lightning.data import DatasetNotFoundError
 from vae_lightning.run import (
-    ddp_relaunch_as_this_job,
+    isolated_ddp_job,
     flatten,
     register_resolvers,
     save_resolved_config,
@@ -47,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(resolved)
 
     try:
-        with ddp_relaunch_as_this_job():
+        with isolated_ddp_job():
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
             if cfg.test:
                 checkpoint = trainer.checkpoint_callback
@@ -62,9 +63,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     try:
         validate_config(cfg)
+        metrics = train(cfg)
     except ConfigError as err:
         raise SystemExit(f"Invalid configuration: {err}") from None
-    metrics = train(cfg)
+    except DatasetNotFoundError as err:
+        raise SystemExit(f"Error: {err}") from None
     log.info(f"Run folder: {cfg.paths.output_dir}")
     return metrics.get(cfg.optimized_metric)
 

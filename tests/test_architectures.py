@@ -1,0 +1,32 @@
+"""Every architecture, built from its config, works with any latent size."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+ARCH_DIR = Path(__file__).resolve().parents[1] / "conf" / "model" / "arch"
+ARCHS = sorted(p.stem for p in ARCH_DIR.glob("*.yaml"))
+
+
+def test_the_three_architectures_are_configured():
+    assert ARCHS == ["conv", "mlp", "resnet"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("latent_dim", [1, 2, 32, 128])
+def test_shapes_range_and_gradients(arch, latent_dim):
+    cfg = OmegaConf.load(ARCH_DIR / f"{arch}.yaml")
+    encoder = instantiate(cfg.encoder, latent_dim=latent_dim)
+    decoder = instantiate(cfg.decoder, latent_dim=latent_dim)
+    x = torch.rand(4, 3, 32, 32)
+    h = encoder(x)
+    assert h.shape == (4, 2 * latent_dim)
+    x_hat = decoder(h[:, :latent_dim])
+    assert x_hat.shape == (4, 3, 32, 32)
+    assert x_hat.min() > 0 and x_hat.max() < 1
+    x_hat.sum().backward()
+    for net in (encoder, decoder):
+        assert all(p.grad is not None for p in net.parameters())

@@ -1,0 +1,225 @@
+"""``python -m vae_lightning.train`` as a user runs it, on a tiny CIFAR-10 written by the tests."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REAL_DATA, run_train
+
+pytestmark = pytest.mark.cli
+
+SHORT = [
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "data.num_workers=0",
+    "data.batch_size=16",
+]
+SPLITS_AND_METRICS = [
+    f"{split}/{name}"
+    for split in ("train", "val", "test")
+    for name in ("loss", "recon_mse", "kl", "elbo", "bpd")
+]
+
+
+def single_run(cwd: Path) -> Path:
+    runs = sorted((cwd / "outputs" / "runs").glob("*/*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def sweep_jobs(cwd: Path) -> list[Path]:
+    sweeps = list((cwd / "outputs" / "multiruns").glob("*/*"))
+    assert len(sweeps) == 1, sweeps
+    return sorted(p for p in sweeps[0].iterdir() if p.is_dir())
+
+
+def metrics_csv(run: Path) -> list[dict[str, str]]:
+    with open(run / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def last_value(rows: list[dict[str, str]], key: str) -> float:
+    return float([r[key] for r in rows if r.get(key)][-1])
+
+
+def resolved(run: Path) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def assert_run_folder(run: Path) -> None:
+    assert (run / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run / "checkpoints").glob("epoch*-bpd*.ckpt"))) == 1
+    for name in ("reconstructions", "samples"):
+        assert list((run / "images").glob(f"{name}_epoch=*.png")), name
+
+
+def test_defaults_train_and_log_to_wandb_offline(cifar_dir, tmp_path):
+    proc = run_train([f"data.data_dir={cifar_dir}"], cwd=tmp_path)
+    run = single_run(tmp_path)
+    assert_run_folder(run)
+    out = proc.stdout + proc.stderr
+    assert "W&B: no API key" in out and f"wandb sync {run / 'wandb'}/offline-run-*" in out
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("run-*.wandb"))
+    cfg = resolved(run)
+    assert cfg["model"]["latent_dim"] == 32 and cfg["trainer"]["max_epochs"] == 20
+    assert cfg["run_group"] is None
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 19 and checkpoint["hyper_parameters"]["latent_dim"] == 32
+
+
+def test_overrides_reach_the_model_and_every_metric_is_logged(cifar_dir, tmp_path):
+    run_train(
+        [
+            "model.latent_dim=64",
+            "model.sigma=0.1",
+            "model/arch=resnet",
+            f"data.data_dir={cifar_dir}",
+            "logger=csv",
+            *SHORT,
+        ],
+        cwd=tmp_path,
+    )
+    run = single_run(tmp_path)
+    assert_run_folder(run)
+    cfg = resolved(run)
+    assert cfg["model"]["latent_dim"] == 64 and cfg["model"]["sigma"] == 0.1
+    assert cfg["model"]["arch"]["encoder"]["_target_"].endswith("ResNetEncoder")
+    assert cfg["run_name"] == (
+        "data.batch_size=16,data.num_workers=0,model.latent_dim=64,model.sigma=0.1,"
+        "model/arch=resnet,trainer.log_every_n_steps=1,trainer.max_epochs=1"
+    )  # every override but the data folder and the logger, which say nothing of the model
+    rows = metrics_csv(run)
+    for key in SPLITS_AND_METRICS:
+        assert any(r.get(key) for r in rows), key
+    # bpd is the ELBO in bits per dimension plus the 8 bits of the 1/256 discretization.
+    elbo, bpd = last_value(rows, "test/elbo"), last_value(rows, "test/bpd")
+    assert bpd == pytest.approx(-elbo / (3072 * 0.6931471805599453) + 8.0, rel=1e-5)
+    hparams = yaml.safe_load((run / "csv" / "hparams.yaml").read_text())
+    assert hparams["model.latent_dim"] == 64  # the resolved config, flat
+
+
+@pytest.mark.parametrize(
+    ("sweep", "expected"),
+    [
+        ("model.latent_dim=16,32,64,128", ["16", "32", "64", "128"]),
+        ("model/arch=mlp,conv,resnet", ["mlp", "conv", "resnet"]),
+    ],
+)
+def test_multirun_gives_one_folder_per_job(cifar_dir, tmp_path, sweep, expected):
+    run_train(["-m", sweep, f"data.data_dir={cifar_dir}", "logger=csv", *SHORT], cwd=tmp_path)
+    jobs = sweep_jobs(tmp_path)
+    assert [p.name for p in jobs] == [str(i) for i in range(len(expected))]
+    key, _ = sweep.split("=")
+    for job, value in zip(jobs, expected, strict=True):
+        assert_run_folder(job)
+        assert f"{key}={value}" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert resolved(job)["run_group"].startswith("sweep_")
+        assert last_value(metrics_csv(job), "test/bpd") > 0
+    assert not (tmp_path / "outputs" / "runs").exists()
+
+
+def test_experiment_preset_sweeps(cifar_dir, tmp_path):
+    run_train(
+        ["experiment=sweep_arch", f"data.data_dir={cifar_dir}", "logger=csv", *SHORT, "-m"],
+        cwd=tmp_path,
+    )
+    jobs = sweep_jobs(tmp_path)
+    targets = [resolved(j)["model"]["arch"]["encoder"]["_target_"] for j in jobs]
+    assert [t.rsplit(".", 1)[1] for t in targets] == ["MLPEncoder", "ConvEncoder", "ResNetEncoder"]
+    assert all(resolved(j)["tags"] == ["sweep_arch"] for j in jobs)
+
+
+DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+
+
+def test_ddp_on_two_cpu_processes(cifar_dir, tmp_path):
+    proc = run_train([*DDP, f"data.data_dir={cifar_dir}", "logger=csv", *SHORT], cwd=tmp_path)
+    run = single_run(tmp_path)
+    assert_run_folder(run)
+    assert "distributed_backend=gloo" in proc.stdout + proc.stderr
+    assert "All distributed processes registered. Starting with 2 processes" in (
+        proc.stdout + proc.stderr
+    )
+    # 80 training images - 8 for validation = 72; 36 per rank in batches of 16: 3 steps.
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3
+
+
+def test_ddp_inside_a_multirun_gives_one_folder_and_one_wandb_run_per_job(cifar_dir, tmp_path):
+    proc = run_train(
+        ["-m", "model.latent_dim=8,16", *DDP, f"data.data_dir={cifar_dir}", *SHORT], cwd=tmp_path
+    )
+    jobs = sweep_jobs(tmp_path)
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job, latent_dim in zip(jobs, (8, 16), strict=True):
+        assert_run_folder(job)
+        assert resolved(job)["model"]["latent_dim"] == latent_dim
+        assert len(list((job / "wandb").glob("offline-run-*"))) == 1
+    assert resolved(jobs[0])["run_group"] == resolved(jobs[1])["run_group"]
+    # no rank started a sweep or a single run of its own
+    assert not (tmp_path / "outputs" / "runs").exists()
+    assert proc.stdout.count("Launching 2 jobs locally") == 1
+
+
+def test_resume_from_last_checkpoint_continues_where_it_stopped(cifar_dir, tmp_path):
+    args = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT[1:]]
+    run_train([*args, "trainer.max_epochs=1"], cwd=tmp_path / "first")
+    first = single_run(tmp_path / "first")
+    last = first / "checkpoints" / "last.ckpt"
+    steps_per_epoch = torch.load(last, weights_only=True)["global_step"]
+    assert steps_per_epoch == 5  # 72 images in batches of 16
+
+    run_train([*args, "trainer.max_epochs=3", f"ckpt_path={last}"], cwd=tmp_path / "second")
+    second = single_run(tmp_path / "second")
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_per_epoch
+    epochs = {int(r["epoch"]) for r in metrics_csv(second) if r.get("train/loss")}
+    assert epochs == {1, 2}  # epoch 0 was not trained again
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.latent_dim=0", "model.latent_dim=0 is not allowed: model.latent_dim must be"),
+        ("model.sigma=-1", "model.sigma=-1 is not allowed: model.sigma must be a number > 0"),
+        ("data.batch_size=0", "data.batch_size=0 is not allowed"),
+        ("model/arch=nope", "Available options in 'model/arch':"),
+    ],
+)
+def test_bad_settings_fail_before_training_with_one_message(cifar_dir, tmp_path, override, message):
+    proc = run_train([override, f"data.data_dir={cifar_dir}"], cwd=tmp_path, expect_ok=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("outputs/runs/*/*/checkpoints"))
+
+
+def test_missing_dataset_gives_one_clear_error(tmp_path):
+    proc = run_train(["data.download=false", "logger=csv"], cwd=tmp_path, expect_ok=False)
+    assert proc.returncode != 0
+    assert f"CIFAR-10 was not found in {tmp_path / 'data' / 'cifar-10-batches-py'}" in proc.stderr
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="no real CIFAR-10 at ../shared/data")
+def test_smoke_on_real_cifar10(tmp_path):
+    run_train(
+        [
+            f"data.data_dir={REAL_DATA}",
+            "logger=csv",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=20",
+            "trainer.limit_val_batches=5",
+            "trainer.limit_test_batches=5",
+            "data.num_workers=0",
+        ],
+        cwd=tmp_path,
+    )
+    run = single_run(tmp_path)
+    assert_run_folder(run)
+    bpd = last_value(metrics_csv(run), "val/bpd")
+    assert 3.0 < bpd < 11.0, bpd  # 8 bits is a uniform density; 20 steps get near it

@@ -1,0 +1,118 @@
+"""The data module reads CIFAR-10 files it did not download, splits them, and scales batches."""
+
+import pickle
+import urllib.error
+
+import pytest
+import torch
+
+from tests.conftest import REAL_DATA, write_cifar10
+from vae_lightning.data import (
+    BASE_FOLDER,
+    CIFAR10DataModule,
+    DatasetNotFoundError,
+    ensure_cifar10,
+    random_hflip,
+    read_cifar10,
+    to_unit_interval,
+)
+
+
+def test_reads_the_pickle_layout(cifar_dir):
+    images, labels = read_cifar10(cifar_dir, train=True)
+    assert images.shape == (80, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.shape == (80,) and labels.dtype == torch.int64
+    with open(cifar_dir / BASE_FOLDER / "data_batch_1", "rb") as f:
+        first = pickle.load(f)
+    # Row layout: 1024 red, then 1024 green, then 1024 blue values, row-major.
+    assert images[0, 1, 0, 5].item() == first["data"][0, 1024 + 5]
+    test_images, _ = read_cifar10(cifar_dir, train=False)
+    assert test_images.shape == (16, 3, 32, 32)
+
+
+def test_split_is_seeded_disjoint_and_complete(cifar_dir):
+    def split(seed):
+        dm = CIFAR10DataModule(str(cifar_dir), val_fraction=0.25, split_seed=seed, download=False)
+        dm.setup("fit")
+        return dm.train_set.tensors[0], dm.val_set.tensors[0]
+
+    train, val = split(0)
+    assert len(train) == 60 and len(val) == 20
+    all_images = read_cifar10(cifar_dir, train=True)[0].flatten(1)
+    rows = {tuple(r.tolist()) for r in torch.cat([train, val]).flatten(1)}
+    assert rows == {tuple(r.tolist()) for r in all_images}
+    assert torch.equal(split(0)[1], val)
+    assert not torch.equal(split(1)[1], val)
+
+
+def test_loaders_give_uint8_batches_and_the_test_set(cifar_dir):
+    dm = CIFAR10DataModule(str(cifar_dir), batch_size=8, num_workers=0, download=False)
+    dm.prepare_data()
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.uint8 and y.shape == (8,)
+    assert sum(len(b[0]) for b in dm.test_dataloader()) == 16
+    scaled, labels = dm.on_after_batch_transfer((x, y), 0)
+    assert scaled.dtype == torch.float32 and torch.equal(labels, y)
+
+
+def test_scaling_puts_each_pixel_in_its_bin():
+    k = torch.arange(256, dtype=torch.uint8).repeat(50)
+    x = to_unit_interval(k, dequantize=True)
+    assert torch.all(x >= k / 256) and torch.all(x <= (k.float() + 1) / 256)
+    assert x.std() > 0 and not torch.equal(x, to_unit_interval(k, dequantize=True))
+    torch.testing.assert_close(to_unit_interval(k, dequantize=False), (k.float() + 0.5) / 256)
+
+
+def test_random_flip_mirrors_about_half_the_images():
+    torch.manual_seed(0)
+    x = torch.rand(1000, 3, 4, 4)
+    y = random_hflip(x)
+    flipped = (y == x.flip(-1)).flatten(1).all(1)
+    kept = (y == x).flatten(1).all(1)
+    assert torch.all(flipped ^ kept)
+    assert 400 < flipped.sum() < 600
+
+
+def test_missing_data_without_download_names_the_folder(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        ensure_cifar10(tmp_path / "nowhere", download=False)
+    assert str(tmp_path / "nowhere" / BASE_FOLDER) in str(err.value)
+    assert "data.data_dir" in str(err.value) and "data.download=true" in str(err.value)
+
+
+def test_missing_data_and_no_network_names_the_folder(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    with pytest.raises(DatasetNotFoundError) as err:
+        ensure_cifar10(tmp_path, download=True)
+    message = str(err.value)
+    assert str(tmp_path / BASE_FOLDER) in message and "download failed" in message
+
+
+def test_present_files_are_used_without_download(tmp_path, monkeypatch):
+    write_cifar10(tmp_path, images_per_file=2)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    ensure_cifar10(tmp_path, download=True)
+
+
+def test_malformed_batch_is_reported_with_its_file(tmp_path):
+    write_cifar10(tmp_path, images_per_file=2)
+    bad = tmp_path / BASE_FOLDER / "data_batch_3"
+    with open(bad, "wb") as f:
+        pickle.dump({"data": torch.zeros(2, 100, dtype=torch.uint8).numpy(), "labels": [0, 1]}, f)
+    with pytest.raises(ValueError, match="data_batch_3"):
+        read_cifar10(tmp_path, train=True)
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="no real CIFAR-10 at ../shared/data")
+def test_real_cifar10_sizes():
+    dm = CIFAR10DataModule(str(REAL_DATA), download=False)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (45_000, 5_000, 10_000)
