@@ -96,7 +96,9 @@ def test_bits_per_dim_matches_exact_discretized_gaussian():
     # estimate E_u[log p((k+u)/256)] + discretization term must match -log2 P(bin) exactly
     # computed from the Gaussian CDF.
     mean, sigma = 0.43, 0.08
-    normal = Normal(torch.tensor(mean, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64))
+    normal = Normal(
+        torch.tensor(mean, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64)
+    )
     k = torch.arange(60, 160, dtype=torch.float64)
     exact_bits = -torch.log2(normal.cdf((k + 1) / 256) - normal.cdf(k / 256))
     u = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000  # quadrature over the bin

@@ -47,5 +47,5 @@ def test_unreachable_host_is_detected_quickly():
 
 
 def test_unknown_mode_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="logger.wandb.mode"):
+    with pytest.raises(ValueError, match=r"logger\.wandb\.mode"):
         loggers.wandb_logger(project="p", save_dir=str(tmp_path), mode="sometimes")

@@ -38,8 +38,6 @@ def test_reparameterization_has_the_posterior_moments_and_passes_gradients():
     assert mu.grad is not None and logvar.grad is not None and logvar.grad.abs().sum() > 0
 
 
-
-
 def test_fixed_sigma_loss_and_metrics():
     module = make_module(sigma=0.2, beta=1.0)
     x = batch()

@@ -6,6 +6,7 @@ log-variance side by side. Every decoder maps ``z`` of shape ``(B, H)`` to the d
 """
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 from torch import Tensor, nn
 
@@ -16,7 +17,7 @@ IMAGE_DIMS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:
     """Linear layers with SiLU between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (n_in, n_out) in enumerate(pairwise(sizes)):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
             layers.append(nn.SiLU())
@@ -103,7 +104,7 @@ class ResNetEncoder(nn.Sequential):
 
 
 class ResNetDecoder(nn.Sequential):
-    """Mirror of ``ResNetEncoder``: per stage, 2x nearest upsampling + conv, then residual blocks."""
+    """Mirror of ``ResNetEncoder``: per stage, 2x upsampling and a conv, then residual blocks."""
 
     def __init__(
         self, latent_dim: int, channels: Sequence[int] = (128, 64, 32), blocks_per_stage: int = 1

@@ -14,7 +14,8 @@ class ImageGrids(L.Callback):
     """Every ``every_n_epochs`` epochs and after the last one, saves two PNG grids:
 
     ``reconstructions_epoch=NNN.png`` (the first validation images in the top half, their
-    reconstructions at the same places in the bottom half) and ``samples_epoch=NNN.png`` (decoder means for fixed prior draws).
+    reconstructions at the same places in the bottom half) and ``samples_epoch=NNN.png``
+    (decoder means for fixed prior draws).
     """
 
     def __init__(

@@ -36,7 +36,9 @@ def read_cifar10(root: str | Path, train: bool) -> tuple[Tensor, Tensor]:
             entry = pickle.load(f, encoding="latin1")
         data = torch.as_tensor(entry["data"], dtype=torch.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{folder / name}: expected rows of 3072 pixels, got {tuple(data.shape)}")
+            raise ValueError(
+                f"{folder / name}: expected rows of 3072 pixels, got {tuple(data.shape)}"
+            )
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(torch.as_tensor(entry.get("labels", entry.get("fine_labels"))))
     return torch.cat(images), torch.cat(labels).long()

@@ -1,4 +1,4 @@
-"""The VAE: q(z|x) = N(mu(x), diag sigma_q^2(x)), p(z) = N(0, I), p(x|z) = N(x_hat(z), sigma^2 I)."""
+"""The VAE: q(z|x) = N(mu, diag sigma_q^2), p(z) = N(0, I), p(x|z) = N(x_hat(z), sigma^2 I)."""
 
 import math
 from typing import Literal, NamedTuple

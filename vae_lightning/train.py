@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from vae_lightning.config import ConfigError, validate_config
 from vae_lightning.data import DatasetNotFoundError
 from vae_lightning.run import (
-    isolated_ddp_job,
     flatten,
+    isolated_ddp_job,
     register_resolvers,
     save_resolved_config,
 )
@@ -22,7 +22,9 @@ from vae_lightning.run import (
 log = logging.getLogger(__name__)
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-CONFIG_DIR = str(next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if p.is_dir()))
+CONFIG_DIR = str(
+    next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if p.is_dir())
+)
 
 
 def _finish_wandb_run() -> None:
