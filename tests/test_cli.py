@@ -182,6 +182,33 @@ def test_resume_from_last_checkpoint_continues_where_it_stopped(cifar_dir, tmp_p
     assert epochs == {1, 2}  # epoch 0 was not trained again
 
 
+def test_debug_preset_with_tensorboard(cifar_dir, tmp_path):
+    run_train(["debug=default", "logger=tensorboard", f"data.data_dir={cifar_dir}"], cwd=tmp_path)
+    run = single_run(tmp_path)
+    assert_run_folder(run)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    epochs = sorted(p.name for p in (run / "images").glob("samples_*.png"))
+    assert epochs == ["samples_epoch=000.png", "samples_epoch=001.png"]  # every epoch in debug
+
+
+def test_fast_dev_run_without_logger(cifar_dir, tmp_path):
+    proc = run_train(
+        ["debug=fast_dev_run", "logger=none", f"data.data_dir={cifar_dir}"], cwd=tmp_path
+    )
+    assert "test/bpd" in proc.stdout
+    run = single_run(tmp_path)
+    assert (run / "config.yaml").is_file() and not (run / "wandb").exists()
+
+
+def test_same_seed_same_numbers(cifar_dir, tmp_path):
+    args = [f"data.data_dir={cifar_dir}", "logger=csv", "seed=3", "trainer.deterministic=true"]
+    for name in ("a", "b"):
+        run_train([*args, *SHORT], cwd=tmp_path / name)
+    a, b = (metrics_csv(single_run(tmp_path / name)) for name in ("a", "b"))
+    assert a == b
+    assert last_value(a, "test/elbo") < 0
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
