@@ -4,6 +4,7 @@ import logging
 import netrc
 import os
 import socket
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -85,3 +86,10 @@ def wandb_logger(
         mode=mode,
         **kwargs,
     )
+
+
+def finish_wandb_run() -> None:
+    """End the current W&B run, if any, so that the next job of a multirun gets its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()

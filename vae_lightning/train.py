@@ -1,7 +1,6 @@
 """Train a VAE on CIFAR-10: ``python -m vae_lightning.train [hydra overrides] [-m]``."""
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -12,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.config import ConfigError, validate_config
 from vae_lightning.data import DatasetNotFoundError
+from vae_lightning.loggers import finish_wandb_run
 from vae_lightning.run import (
     flatten,
     isolated_ddp_job,
@@ -24,14 +24,8 @@ log = logging.getLogger(__name__)
 _PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = str(
     next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if p.is_dir())
-)
-
-
-def _finish_wandb_run() -> None:
-    """End this job's W&B run, so that the next job of a multirun gets a run of its own."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish()
+)  # inside the package when installed from a wheel, beside it in a checkout
+register_resolvers()  # ${sweep_group:} in conf/train.yaml
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -57,7 +51,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 best = checkpoint.best_model_path if checkpoint else ""
                 trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
     finally:
-        _finish_wandb_run()
+        finish_wandb_run()
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
@@ -73,8 +67,6 @@ def main(cfg: DictConfig) -> float | None:
     log.info(f"Run folder: {cfg.paths.output_dir}")
     return metrics.get(cfg.optimized_metric)
 
-
-register_resolvers()
 
 if __name__ == "__main__":
     main()
