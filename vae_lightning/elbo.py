@@ -24,13 +24,26 @@ def gaussian_log_likelihood(x: Tensor, x_hat: Tensor, log_sigma: Tensor | float)
 
     ``log_sigma`` is a scalar (one sigma for every image) or a tensor of shape ``(B,)``.
     """
-    log_sigma = torch.as_tensor(log_sigma, dtype=x.dtype, device=x.device)
-    num_dims = x[0].numel()
+    return log_likelihood_from_squared_error(squared_error(x, x_hat), x[0].numel(), log_sigma)
+
+
+def log_likelihood_from_squared_error(
+    squared_error: Tensor, num_dims: int, log_sigma: Tensor | float
+) -> Tensor:
+    """``log N(x | x_hat, sigma^2 I)`` given ``||x - x_hat||^2`` (any shape) and the dimension D."""
+    log_sigma = torch.as_tensor(log_sigma, dtype=squared_error.dtype, device=squared_error.device)
     return (
-        -0.5 * squared_error(x, x_hat) * torch.exp(-2.0 * log_sigma)
+        -0.5 * squared_error * torch.exp(-2.0 * log_sigma)
         - num_dims * log_sigma
         - 0.5 * num_dims * LOG_2PI
     )
+
+
+def diagonal_normal_log_density(z: Tensor, mu: Tensor | float, logvar: Tensor | float) -> Tensor:
+    """``log N(z | mu, diag exp(logvar))`` summed over the last dimension."""
+    mu = torch.as_tensor(mu, dtype=z.dtype, device=z.device)
+    logvar = torch.as_tensor(logvar, dtype=z.dtype, device=z.device)
+    return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(dim=-1)
 
 
 def kl_to_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
