@@ -4,6 +4,7 @@ from numbers import Real
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from vae_lightning.loggers import WANDB_MODES
 from vae_lightning.model import SIGMA_MODES
@@ -14,7 +15,10 @@ class ConfigError(ValueError):
 
 
 def _get(cfg: DictConfig, key: str):
-    return OmegaConf.select(cfg, key, throw_on_missing=True)
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+    except MissingMandatoryValue:
+        raise ConfigError(f"{key} is required: add {key}=<value> to the command.") from None
 
 
 def _is_int(value) -> bool:
@@ -28,6 +32,29 @@ def _is_real(value) -> bool:
 def _check(ok: bool, key: str, value, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {key} must be {allowed}.")
+
+
+def _check_checkpoint(cfg: DictConfig) -> None:
+    ckpt_path = _get(cfg, "ckpt_path")
+    if ckpt_path is not None:
+        _check(Path(ckpt_path).is_file(), "ckpt_path", ckpt_path, "an existing checkpoint file")
+
+
+def validate_eval_config(cfg: DictConfig) -> None:
+    """Like ``validate_config``, for ``vae_lightning.evaluate``."""
+    _check_checkpoint(cfg)
+    for key in ("eval.batch_size", "eval.num_samples", "eval.max_batch", "eval.grid_points"):
+        value = _get(cfg, key)
+        _check(_is_int(value) and value >= 1, key, value, "an integer >= 1")
+    limit = _get(cfg, "eval.limit")
+    _check(limit is None or (_is_int(limit) and limit >= 2), "eval.limit", limit, "null or >= 2")
+    for key in ("eval.grid_limit", "eval.active_threshold"):
+        value = _get(cfg, key)
+        _check(_is_real(value) and value > 0, key, value, "a number > 0")
+    device = _get(cfg, "device")
+    _check(device in ("auto", "cpu", "cuda"), "device", device, "one of auto, cpu, cuda")
+    mode = _get(cfg, "eval.wandb_mode")
+    _check(mode in WANDB_MODES, "eval.wandb_mode", mode, f"one of {WANDB_MODES}")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -59,6 +86,4 @@ def validate_config(cfg: DictConfig) -> None:
     wandb_mode = OmegaConf.select(cfg, "logger.wandb.mode")
     if wandb_mode is not None:
         _check(wandb_mode in WANDB_MODES, "logger.wandb.mode", wandb_mode, f"one of {WANDB_MODES}")
-    ckpt_path = _get(cfg, "ckpt_path")
-    if ckpt_path is not None:
-        _check(Path(ckpt_path).is_file(), "ckpt_path", ckpt_path, "an existing checkpoint file")
+    _check_checkpoint(cfg)

@@ -7,10 +7,12 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,19 @@ def resolve_wandb_mode(mode: str = "auto") -> tuple[str, str | None]:
     return "online", None
 
 
+def choose_wandb_mode(mode: str, save_dir: str | Path) -> str:
+    """``resolve_wandb_mode``, saying in one line (rank 0) when and why it goes offline."""
+    if mode not in WANDB_MODES:
+        raise ValueError(f"logger.wandb.mode must be one of {WANDB_MODES}, got {mode!r}")
+    mode, reason = resolve_wandb_mode(mode)
+    if reason and rank_zero_only.rank == 0:
+        log.warning(
+            f"W&B: {reason}; logging offline. Upload later with: "
+            f"wandb sync {Path(save_dir) / 'wandb'}/offline-run-*"
+        )
+    return mode
+
+
 def wandb_logger(
     project: str,
     save_dir: str,
@@ -68,14 +83,7 @@ def wandb_logger(
     **kwargs,
 ) -> WandbLogger:
     """A ``WandbLogger`` whose run lives under ``save_dir/wandb``; see ``resolve_wandb_mode``."""
-    if mode not in WANDB_MODES:
-        raise ValueError(f"logger.wandb.mode must be one of {WANDB_MODES}, got {mode!r}")
-    mode, reason = resolve_wandb_mode(mode)
-    if reason and rank_zero_only.rank == 0:
-        log.warning(
-            f"W&B: {reason}; logging offline. Upload later with: "
-            f"wandb sync {Path(save_dir) / 'wandb'}/offline-run-*"
-        )
+    mode = choose_wandb_mode(mode, save_dir)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(
         project=project,
@@ -93,3 +101,31 @@ def finish_wandb_run() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()
+
+
+def start_eval_run(train_dir: Path, save_dir: Path, mode: str, config: dict[str, Any]):
+    """A W&B run for an evaluation: the training run itself when it was online and can be
+    resumed, else a new run (job_type ``eval``) in the training run's group. None if disabled."""
+    mode = choose_wandb_mode(mode, save_dir)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    config_file = train_dir / "config.yaml"
+    train_config = OmegaConf.load(config_file) if config_file.is_file() else OmegaConf.create()
+    settings = OmegaConf.select(train_config, "logger.wandb") or {}
+    project = settings.get("project", "vae_lightning")
+    name = settings.get("name") or "defaults"
+    online_runs = sorted((train_dir / "wandb").glob("run-*"))
+    if mode == "online" and online_runs:
+        run_id = online_runs[-1].name.rsplit("-", 1)[1]
+        return wandb.init(project=project, id=run_id, resume="allow", dir=train_dir)
+    return wandb.init(
+        project=project,
+        group=settings.get("group") or name,
+        name=f"eval {name}",
+        job_type="eval",
+        dir=save_dir,
+        mode=mode,
+        config=config,
+    )

@@ -1,5 +1,6 @@
 """Hydra run bookkeeping: W&B groups per sweep, the resolved config, DDP inside a multirun."""
 
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -46,6 +47,13 @@ def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     path = Path(output_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, path, resolve=True)
+    return path
+
+
+def save_final_metrics(metrics: dict[str, float], output_dir: str | Path) -> Path:
+    """``metrics.json``: the last train step's, last validation's and the test's metrics."""
+    path = Path(output_dir) / "metrics.json"
+    path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2))
     return path
 
 

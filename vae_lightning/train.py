@@ -16,6 +16,7 @@ from vae_lightning.run import (
     flatten,
     isolated_ddp_job,
     register_resolvers,
+    save_final_metrics,
     save_resolved_config,
 )
 
@@ -43,16 +44,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
 
+    metrics: dict[str, float] = {}
     try:
         with isolated_ddp_job():
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
             if cfg.test:
                 checkpoint = trainer.checkpoint_callback
                 best = checkpoint.best_model_path if checkpoint else ""
                 trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+                metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
     finally:
         finish_wandb_run()
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if rank_zero_only.rank == 0:
+        save_final_metrics(metrics, cfg.paths.output_dir)
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -1,0 +1,163 @@
+"""How good a trained VAE is on a set of 8-bit images: likelihood estimates, reconstructions,
+latent usage, FID, and image grids."""
+
+import copy
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchvision.utils import make_grid, save_image
+
+from vae_lightning.data import to_unit_interval
+from vae_lightning.elbo import bits_per_dim, squared_error
+from vae_lightning.likelihood import decode_grid, grid_log_likelihood, sampled_estimates
+from vae_lightning.model import VAE
+
+log = logging.getLogger(__name__)
+
+
+def batches(images: Tensor, batch_size: int, device, dequantize: bool) -> Iterator[Tensor]:
+    """uint8 images -> scaled float batches on ``device``."""
+    for chunk in images.split(batch_size):
+        yield to_unit_interval(chunk.to(device), dequantize)
+
+
+@torch.no_grad()
+def likelihood_metrics(
+    vae: VAE,
+    images: Tensor,
+    batch_size: int,
+    num_samples: int,
+    max_batch: int,
+    dequantize: bool,
+    grid_points: int,
+    grid_limit: float,
+    active_threshold: float,
+) -> dict[str, float | list[float]]:
+    """ELBO, IWAE, prior-sampling and (H <= 2) grid estimates of log p(x), in nats per image
+    and bits/dim; reconstruction MSE/PSNR/SSIM at z = mu; active units and KL per latent dim."""
+    device = vae.log_sigma.device
+    num_dims = images[0].numel()
+    grid = decode_grid(vae, grid_points, grid_limit, max_batch) if vae.latent_dim <= 2 else None
+    psnr = PeakSignalNoiseRatio(data_range=1.0).to(device)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+    sums: dict[str, Tensor] = {}
+    mus, kl_per_dim = [], torch.zeros(vae.latent_dim, device=device, dtype=torch.float64)
+
+    def add(name: str, per_image: Tensor) -> None:
+        sums[name] = sums.get(name, 0.0) + per_image.double().sum()
+
+    for x in batches(images, batch_size, device, dequantize):
+        estimates = sampled_estimates(vae, x, num_samples, max_batch)
+        add("elbo", estimates.elbo)
+        add("iwae", estimates.iwae)
+        add("prior_sampling", estimates.prior)
+        if grid is not None:
+            add("grid", grid_log_likelihood(vae, x, grid))
+        mu, logvar = vae.encode(x)
+        recon = vae.decode(mu)
+        add("recon_mse", squared_error(x, recon) / num_dims)
+        psnr.update(recon, x)
+        ssim.update(recon, x)
+        mus.append(mu.double())
+        kl_per_dim += (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).double().sum(0)
+
+    n = len(images)
+    means = {name: (total / n).item() for name, total in sums.items()}
+    results: dict[str, float | list[float]] = {"num_images": n, "num_samples": num_samples}
+    for name in ("elbo", "iwae", "prior_sampling", "grid"):
+        if name in means:
+            results[f"{name}_nats"] = means[name]
+            results[f"{name}_bpd"] = bits_per_dim(torch.tensor(means[name]), num_dims).item()
+    results["iwae_minus_elbo_nats"] = means["iwae"] - means["elbo"]
+    results["iwae_minus_elbo_bpd"] = results["elbo_bpd"] - results["iwae_bpd"]
+    results["recon_mse"] = means["recon_mse"]
+    results["psnr"] = psnr.compute().item()
+    results["ssim"] = ssim.compute().item()
+    mu_var = torch.cat(mus).var(dim=0)
+    results["active_units"] = int((mu_var > active_threshold).sum())
+    results["latent_dim"] = vae.latent_dim
+    results["mu_variance_per_dim"] = mu_var.tolist()
+    results["kl_per_dim"] = (kl_per_dim / n).tolist()
+    results["kl"] = (kl_per_dim.sum() / n).item()
+    return results
+
+
+def fid_metric(
+    feature_extractor: str | None, inception_weights: str | None
+) -> FrechetInceptionDistance | None:
+    """A FID metric from a TorchScript feature extractor, local Inception weights, or the
+    downloaded Inception weights; None (with one log line) when none of them can be had."""
+    if feature_extractor:
+        return FrechetInceptionDistance(feature=torch.jit.load(feature_extractor), normalize=True)
+    try:
+        return FrechetInceptionDistance(
+            feature=2048, normalize=True, feature_extractor_weights_path=inception_weights
+        )
+    except (OSError, RuntimeError, ModuleNotFoundError) as err:
+        log.warning(
+            "FID skipped: the Inception weights could not be loaded (%s). Set "
+            "eval.fid.inception_weights=<weights file> or eval.fid.feature_extractor="
+            "<TorchScript file>, or run once with a network.",
+            str(err).splitlines()[0],
+        )
+        return None
+
+
+@torch.no_grad()
+def fid_scores(
+    metric: FrechetInceptionDistance, vae: VAE, images: Tensor, batch_size: int
+) -> dict[str, float]:
+    """FID of prior samples and of reconstructions (z = mu), each against ``images``."""
+    device = vae.log_sigma.device
+    metric = metric.to(device)
+    for x in batches(images, batch_size, device, dequantize=False):
+        metric.update(x, real=True)
+    fakes: dict[str, Callable[[Tensor], Tensor]] = {
+        "fid_samples": lambda x: vae.sample(len(x)),
+        "fid_reconstructions": lambda x: vae.decode(vae.encode(x)[0]),
+    }
+    scores = {}
+    for name, make_fake in fakes.items():
+        with_fakes = copy.deepcopy(metric)
+        for x in batches(images, batch_size, device, dequantize=False):
+            with_fakes.update(make_fake(x).clamp(0, 1).to(x.dtype), real=False)
+        scores[name] = with_fakes.compute().item()
+    return scores
+
+
+@torch.no_grad()
+def save_grids(
+    vae: VAE, images: Tensor, output_dir: Path, mu_variance: Tensor, num_images: int = 16
+) -> list[Path]:
+    """PNG grids: reconstructions beside originals, prior samples, interpolations between test
+    images in latent space, and traversals of the most active latent dimensions."""
+    device = vae.log_sigma.device
+    x = to_unit_interval(images[:num_images].to(device), dequantize=False)
+    mu = vae.encode(x)[0]
+    # 10 steps from image 2i to image 2i+1, in latent space
+    start, end = mu[0::2], mu[1::2]
+    steps = torch.linspace(0, 1, 10, device=device, dtype=mu.dtype)[None, :, None]
+    interpolation = start[:, None] + steps * (end - start)[:, None]
+    # the first image's code with one of the most active dims set to -3 ... 3, per row
+    top = mu_variance.argsort(descending=True)[: min(8, vae.latent_dim)].to(device)
+    traversal = mu[0].repeat(len(top), 10, 1)
+    traversal[torch.arange(len(top)), :, top] = torch.linspace(-3, 3, 10, device=device).to(mu)
+    side_by_side = torch.stack([x, vae.decode(mu)], dim=1).flatten(0, 1)
+    grids = {
+        "reconstructions": (side_by_side, 8),
+        "samples": (vae.sample(64), 8),
+        "interpolations": (vae.decode(interpolation.flatten(0, 1)), 10),
+        "traversals": (vae.decode(traversal.flatten(0, 1)), 10),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, (grid_images, per_row) in grids.items():
+        path = output_dir / f"{name}.png"
+        save_image(make_grid(grid_images.clamp(0, 1).float().cpu(), nrow=per_row), path)
+        paths.append(path)
+    return paths

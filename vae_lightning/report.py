@@ -1,0 +1,147 @@
+"""Summarize a sweep from disk: ``python -m vae_lightning.report <multirun folder>``.
+
+Writes ``report.md``, ``report.csv`` and one PNG plot per metric and swept parameter (one line per
+combination of the other swept parameters) into the multirun folder, and prints the table.
+"""
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from matplotlib.figure import Figure
+
+METRICS = (
+    "val/bpd",
+    "val/elbo",
+    "val/kl",
+    "val/recon_mse",
+    "test/bpd",
+    "test/elbo",
+    "test/kl",
+    "test/recon_mse",
+)
+PLOTTED = ("val/bpd", "test/bpd", "test/elbo", "test/kl", "test/recon_mse")
+
+
+def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One dict per job folder: ``job``, ``overrides`` {key: value}, ``metrics`` (may be empty)."""
+    jobs = []
+    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+        job_dir = overrides_file.parent.parent
+        overrides = {}
+        for item in yaml.safe_load(overrides_file.read_text()) or []:
+            key, _, value = item.partition("=")
+            overrides[key] = yaml.safe_load(value)
+        metrics_file = job_dir / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        jobs.append({"job": job_dir.name, "overrides": overrides, "metrics": metrics})
+    return sorted(jobs, key=lambda j: int(j["job"]) if j["job"].isdigit() else j["job"])
+
+
+def swept_parameters(jobs: list[dict[str, Any]]) -> list[str]:
+    """Override keys whose value differs between jobs (all of them for a single job)."""
+    keys = sorted({k for job in jobs for k in job["overrides"]})
+    if len(jobs) < 2:
+        return keys
+    return [k for k in keys if len({repr(j["overrides"].get(k)) for j in jobs}) > 1]
+
+
+def table_rows(jobs: list[dict[str, Any]], params: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"job": j["job"]}
+        | {p: j["overrides"].get(p) for p in params}
+        | {m: j["metrics"].get(m) for m in METRICS}
+        for j in jobs
+    ]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_metric(rows: list[dict[str, Any]], metric: str, param: str, others: list[str], path: Path):
+    """``metric`` against ``param``, one line per combination of the ``others``."""
+    values = sorted({row[param] for row in rows}, key=lambda v: (isinstance(v, str), v))
+    numeric = all(isinstance(v, int | float) for v in values)
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    for combo in sorted({tuple(row[o] for o in others) for row in rows}, key=repr):
+        points = [
+            (row[param], row[metric])
+            for row in rows
+            if tuple(row[o] for o in others) == combo and row[metric] is not None
+        ]
+        points.sort(key=lambda p: values.index(p[0]))
+        xs = [p[0] if numeric else values.index(p[0]) for p in points]
+        label = ", ".join(f"{o}={v}" for o, v in zip(others, combo, strict=True)) or None
+        ax.plot(xs, [p[1] for p in points], marker="o", label=label)
+    if numeric and all(v > 0 for v in values) and max(values) / min(values) >= 8:
+        ax.set_xscale("log", base=2)
+    if not numeric:
+        ax.set_xticks(range(len(values)), [str(v) for v in values])
+    ax.set_xlabel(param)
+    ax.set_ylabel(metric)
+    if others:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_report(sweep_dir: Path, output_dir: Path | None = None) -> list[Path]:
+    """Table (Markdown, CSV) and plots for the sweep in ``sweep_dir``; returns the files."""
+    output_dir = output_dir or sweep_dir
+    jobs = load_jobs(sweep_dir)
+    if not jobs:
+        raise FileNotFoundError(f"no job folders with .hydra/overrides.yaml in {sweep_dir}")
+    params = swept_parameters(jobs)
+    rows = table_rows(jobs, params)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = [output_dir / "report.md", output_dir / "report.csv"]
+    missing = [j["job"] for j in jobs if not j["metrics"]]
+    note = f"\nJobs without metrics.json (failed or unfinished): {', '.join(missing)}\n"
+    written[0].write_text(markdown_table(rows) + (note if missing else ""))
+    with open(written[1], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for metric in PLOTTED:
+        if all(row[metric] is None for row in rows):
+            continue
+        for param in params:
+            path = output_dir / f"{metric.replace('/', '_')}_vs_{param.replace('/', '_')}.png"
+            plot_metric(rows, metric, param, [p for p in params if p != param], path)
+            written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vae_lightning.report", description=__doc__)
+    parser.add_argument(
+        "sweep_dir", type=Path, help="a multirun folder: outputs/multiruns/<date>/<time>"
+    )
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: the sweep folder")
+    args = parser.parse_args(argv)
+    try:
+        written = write_report(args.sweep_dir, args.output_dir)
+    except FileNotFoundError as err:
+        sys.exit(f"Error: {err}")
+    print(written[0].read_text(), end="")
+    print(f"\nWrote {len(written)} files to {written[0].parent}")
+
+
+if __name__ == "__main__":
+    main()
