@@ -93,7 +93,10 @@ def fid_metric(
     """A FID metric from a TorchScript feature extractor, local Inception weights, or the
     downloaded Inception weights; None (with one log line) when none of them can be had."""
     if feature_extractor:
-        return FrechetInceptionDistance(feature=torch.jit.load(feature_extractor), normalize=True)
+        extractor = torch.jit.load(feature_extractor)
+        return FrechetInceptionDistance(
+            feature=extractor, normalize=True, input_img_size=(3, 32, 32)
+        )
     try:
         return FrechetInceptionDistance(
             feature=2048, normalize=True, feature_extractor_weights_path=inception_weights

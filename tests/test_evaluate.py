@@ -1,0 +1,157 @@
+"""The evaluate and report commands, run as a user runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import cli_env, run_train
+from vae_lightning.report import load_jobs, swept_parameters, write_report
+
+pytestmark = pytest.mark.cli
+
+TRAIN = ["logger=csv", "trainer.max_epochs=1", "data.num_workers=0", "data.batch_size=16"]
+EVAL = ["eval.limit=16", "eval.num_samples=8", "eval.batch_size=8", "eval.grid_points=32"]
+LIKELIHOOD_KEYS = {
+    "elbo_nats",
+    "elbo_bpd",
+    "iwae_nats",
+    "iwae_bpd",
+    "prior_sampling_nats",
+    "prior_sampling_bpd",
+    "iwae_minus_elbo_nats",
+    "iwae_minus_elbo_bpd",
+}
+QUALITY_KEYS = {"recon_mse", "psnr", "ssim", "active_units", "kl_per_dim", "mu_variance_per_dim"}
+
+
+def run_module(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=cli_env(cwd),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_2d(cifar_dir, tmp_path_factory) -> Path:
+    """The last checkpoint of a 1-epoch run with H = 2 (so the grid integral applies)."""
+    cwd = tmp_path_factory.mktemp("train2d")
+    run_train([f"data.data_dir={cifar_dir}", "model.latent_dim=2", *TRAIN], cwd=cwd)
+    return next(cwd.glob("outputs/runs/*/*/checkpoints/last.ckpt"))
+
+
+def eval_output(cwd: Path) -> Path:
+    (folder,) = cwd.glob("outputs/evals/*/*")
+    return folder
+
+
+def test_evaluate_writes_every_estimate_and_fid_with_a_custom_extractor(
+    cifar_dir, trained_2d, tmp_path
+):
+    extractor = tmp_path / "features.pt"
+    torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(3072, 6))).save(str(extractor))
+    proc = run_module(
+        "vae_lightning.evaluate",
+        [
+            f"ckpt_path={trained_2d}",
+            f"data.data_dir={cifar_dir}",
+            *EVAL,
+            f"eval.fid.feature_extractor={extractor}",
+        ],
+        cwd=tmp_path,
+    )
+    out = eval_output(tmp_path)
+    results = json.loads((out / "eval.json").read_text())
+    assert LIKELIHOOD_KEYS | QUALITY_KEYS | {"grid_nats", "grid_bpd"} <= set(results)
+    assert {"fid_samples", "fid_reconstructions"} <= set(results)
+    assert results["num_images"] == 16 and results["num_samples"] == 8
+    assert results["latent_dim"] == 2 and len(results["kl_per_dim"]) == 2
+    assert results["iwae_nats"] >= results["elbo_nats"] - 1.0
+    assert results["fid_samples"] >= 0 and results["fid_reconstructions"] >= 0
+    bpd = -results["iwae_nats"] / (3072 * 0.6931471805599453) + 8
+    assert results["iwae_bpd"] == pytest.approx(bpd)
+    for name in ("reconstructions", "samples", "interpolations", "traversals"):
+        assert (out / "images" / f"{name}.png").is_file()
+    assert "iwae_bpd" in proc.stdout  # the printed table
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_evaluate_without_fid_weights_skips_fid_with_one_line(
+    cifar_dir, trained_2d, tmp_path, monkeypatch
+):
+    weights = tmp_path / "missing-inception.pth"
+    proc = run_module(
+        "vae_lightning.evaluate",
+        [
+            f"ckpt_path={trained_2d}",
+            f"data.data_dir={cifar_dir}",
+            *EVAL,
+            f"eval.fid.inception_weights={weights}",
+            "eval.wandb_mode=disabled",
+        ],
+        cwd=tmp_path,
+    )
+    assert (proc.stdout + proc.stderr).count("FID skipped:") == 1
+    results = json.loads((eval_output(tmp_path) / "eval.json").read_text())
+    assert "fid_samples" not in results and "iwae_bpd" in results
+
+
+def test_evaluate_requires_a_checkpoint(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vae_lightning.evaluate"],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "ckpt_path is required" in proc.stderr
+
+
+def test_report_of_a_two_job_multirun(cifar_dir, tmp_path):
+    run_train(["-m", "model.latent_dim=2,8", f"data.data_dir={cifar_dir}", *TRAIN], cwd=tmp_path)
+    (sweep,) = tmp_path.glob("outputs/multiruns/*/*")
+    jobs = load_jobs(sweep)
+    assert [j["overrides"]["model.latent_dim"] for j in jobs] == [2, 8]
+    assert swept_parameters(jobs) == ["model.latent_dim"]
+
+    proc = run_module("vae_lightning.report", [str(sweep)], cwd=tmp_path)
+    table = (sweep / "report.md").read_text()
+    assert table.splitlines()[0].startswith("| job | model.latent_dim | val/bpd")
+    assert proc.stdout.startswith(table.splitlines()[0])
+    csv_lines = (sweep / "report.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[1].startswith("0,2,")
+    for job, line in zip(jobs, csv_lines[1:], strict=True):
+        assert f"{job['metrics']['test/bpd']}" in line
+    assert (sweep / "test_bpd_vs_model.latent_dim.png").stat().st_size > 1000
+
+
+def test_report_marks_jobs_without_metrics(tmp_path):
+    for job, latent_dim in (("0", 4), ("1", 16)):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(
+            f"- model.latent_dim={latent_dim}\n- model/arch=conv\n"
+        )
+    (tmp_path / "0" / "metrics.json").write_text(json.dumps({"val/bpd": 5.5, "test/bpd": 5.6}))
+    written = write_report(tmp_path)
+    assert {p.name for p in written} >= {
+        "report.md",
+        "report.csv",
+        "val_bpd_vs_model.latent_dim.png",
+    }
+    table = (tmp_path / "report.md").read_text()
+    assert "| 0 | 4 | 5.5000 |" in table and "without metrics.json" in table and ": 1" in table
