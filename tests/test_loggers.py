@@ -49,3 +49,46 @@ def test_unreachable_host_is_detected_quickly():
 def test_unknown_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"logger\.wandb\.mode"):
         loggers.wandb_logger(project="p", save_dir=str(tmp_path), mode="sometimes")
+
+
+@pytest.fixture
+def train_dir(tmp_path):
+    run = tmp_path / "run"
+    (run / "wandb" / "run-20261124_101010-abc123").mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        "logger:\n  wandb:\n    project: proj\n    name: model.latent_dim=64\n"
+        "    group: sweep_2026-11-24_10-10-10.0\n"
+    )
+    return run
+
+
+def recorded_init(monkeypatch):
+    import wandb
+
+    calls = []
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or "run")
+    return calls
+
+
+def test_eval_resumes_the_online_training_run(train_dir, tmp_path, monkeypatch):
+    calls = recorded_init(monkeypatch)
+    monkeypatch.setattr(loggers, "resolve_wandb_mode", lambda mode: ("online", None))
+    assert loggers.start_eval_run(train_dir, tmp_path / "eval", "auto", {}) == "run"
+    assert calls == [{"project": "proj", "id": "abc123", "resume": "allow", "dir": train_dir}]
+
+
+def test_eval_offline_is_a_new_run_in_the_training_group(train_dir, tmp_path, monkeypatch):
+    calls = recorded_init(monkeypatch)
+    monkeypatch.setattr(loggers, "resolve_wandb_mode", lambda mode: ("offline", "no API key"))
+    loggers.start_eval_run(train_dir, tmp_path / "eval", "auto", {"seed": 0})
+    (call,) = calls
+    assert call["group"] == "sweep_2026-11-24_10-10-10.0" and call["job_type"] == "eval"
+    assert call["name"] == "eval model.latent_dim=64" and call["mode"] == "offline"
+    assert "id" not in call
+
+
+def test_eval_disabled_starts_no_run(train_dir, tmp_path, monkeypatch):
+    calls = recorded_init(monkeypatch)
+    assert loggers.start_eval_run(train_dir, tmp_path, "disabled", {}) is None
+    assert calls == []
