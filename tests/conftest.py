@@ -46,13 +46,17 @@ def cli_env(home: Path) -> dict[str, str]:
     return env
 
 
-def run_train(
-    args: list[str], cwd: Path, expect_ok: bool = True, timeout: int = 300
+def run_train(args: list[str], cwd: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    return run_module("vae_lightning.train", args, cwd, expect_ok)
+
+
+def run_module(
+    module: str, args: list[str], cwd: Path, expect_ok: bool = True, timeout: int = 300
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m vae_lightning.train ARGS`` in ``cwd``; fail with its output if it fails."""
+    """Run ``python -m MODULE ARGS`` in ``cwd``; fail with its output if it fails."""
     cwd.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "vae_lightning.train", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=cli_env(cwd),
         stdin=subprocess.DEVNULL,

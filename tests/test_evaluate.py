@@ -1,15 +1,13 @@
 """The evaluate and report commands, run as a user runs them."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from tests.conftest import cli_env, run_train
+from tests.conftest import run_module, run_train
 from vae_lightning.report import load_jobs, swept_parameters, write_report
 
 pytestmark = pytest.mark.cli
@@ -27,21 +25,6 @@ LIKELIHOOD_KEYS = {
     "iwae_minus_elbo_bpd",
 }
 QUALITY_KEYS = {"recon_mse", "psnr", "ssim", "active_units", "kl_per_dim", "mu_variance_per_dim"}
-
-
-def run_module(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=cli_env(cwd),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +92,7 @@ def test_evaluate_without_fid_weights_skips_fid_with_one_line(
 
 
 def test_evaluate_requires_a_checkpoint(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "vae_lightning.evaluate"],
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_module("vae_lightning.evaluate", [], cwd=tmp_path, expect_ok=False)
     assert proc.returncode != 0
     assert "ckpt_path is required" in proc.stderr
 

@@ -47,6 +47,7 @@ def likelihood_metrics(
     ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
     sums: dict[str, Tensor] = {}
     mus, kl_per_dim = [], torch.zeros(vae.latent_dim, device=device, dtype=torch.float64)
+    grid_edge_share = 0.0
 
     def add(name: str, per_image: Tensor) -> None:
         sums[name] = sums.get(name, 0.0) + per_image.double().sum()
@@ -57,7 +58,9 @@ def likelihood_metrics(
         add("iwae", estimates.iwae)
         add("prior_sampling", estimates.prior)
         if grid is not None:
-            add("grid", grid_log_likelihood(vae, x, grid))
+            estimate = grid_log_likelihood(vae, x, grid)
+            add("grid", estimate.log_px)
+            grid_edge_share = max(grid_edge_share, estimate.edge_share.max().item())
         mu, logvar = vae.encode(x)
         recon = vae.decode(mu)
         add("recon_mse", squared_error(x, recon) / num_dims)
@@ -73,6 +76,14 @@ def likelihood_metrics(
         if name in means:
             results[f"{name}_nats"] = means[name]
             results[f"{name}_bpd"] = bits_per_dim(torch.tensor(means[name]), num_dims).item()
+    if grid is not None:
+        results["grid_edge_share_max"] = grid_edge_share
+        if grid_edge_share > 1e-3:
+            log.warning(
+                "The latent grid's outermost cells hold up to %.2g of p(x) for some image: it "
+                "cuts off mass. Raise eval.grid_limit (and eval.grid_points with it).",
+                grid_edge_share,
+            )
     results["iwae_minus_elbo_nats"] = means["iwae"] - means["elbo"]
     results["iwae_minus_elbo_bpd"] = results["elbo_bpd"] - results["iwae_bpd"]
     results["recon_mse"] = means["recon_mse"]

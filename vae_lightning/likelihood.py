@@ -77,7 +77,16 @@ class LatentGrid(NamedTuple):
 
     x_hat: Tensor  # (G, D), flattened decoder means
     log_prior: Tensor  # (G,)
+    on_edge: Tensor  # (G,) True for the outermost ring of cells
     log_cell_volume: float
+
+
+class GridEstimate(NamedTuple):
+    """Per image: the Riemann sum of log p(x), and the share of it in the outermost cells
+    (when that share is not negligible, the grid cuts off mass: widen it)."""
+
+    log_px: Tensor
+    edge_share: Tensor
 
 
 @torch.no_grad()
@@ -91,11 +100,12 @@ def decode_grid(vae: VAE, points_per_axis: int, limit: float, max_batch: int = 4
     points = torch.cartesian_prod(*[axis] * vae.latent_dim).reshape(-1, vae.latent_dim)
     x_hat = torch.cat([vae.decode(c).flatten(1) for c in points.split(max_batch)])
     log_prior = diagonal_normal_log_density(points, 0.0, 0.0)
-    return LatentGrid(x_hat, log_prior, vae.latent_dim * math.log(step))
+    on_edge = (points.abs() > limit - step).any(dim=1)
+    return LatentGrid(x_hat, log_prior, on_edge, vae.latent_dim * math.log(step))
 
 
 @torch.no_grad()
-def grid_log_likelihood(vae: VAE, x: Tensor, grid: LatentGrid) -> Tensor:
+def grid_log_likelihood(vae: VAE, x: Tensor, grid: LatentGrid) -> GridEstimate:
     """log Σ_g p(x|z_g) p(z_g) ΔV per image (Riemann sum), for a grid from ``decode_grid``."""
     x_flat = x.flatten(1).double()
     x_hat = grid.x_hat.double()
@@ -105,4 +115,6 @@ def grid_log_likelihood(vae: VAE, x: Tensor, grid: LatentGrid) -> Tensor:
         sq.clamp_min(0.0), x_flat.shape[1], vae.decoder_log_sigma().double()
     )
     log_joint = log_px_z + grid.log_prior.double()
-    return (torch.logsumexp(log_joint, dim=1) + grid.log_cell_volume).to(x.dtype)
+    log_total = torch.logsumexp(log_joint, dim=1)
+    edge_share = torch.exp(torch.logsumexp(log_joint[:, grid.on_edge], dim=1) - log_total)
+    return GridEstimate((log_total + grid.log_cell_volume).to(x.dtype), edge_share.to(x.dtype))
