@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.distributions import MultivariateNormal
 
-from vae_lightning.likelihood import decode_grid, grid_log_likelihood, sampled_estimates
+from vae_lightning.likelihood import grid_log_likelihood, sampled_estimates
 from vae_lightning.model import VAE
 
 
@@ -66,17 +66,14 @@ def test_elbo_is_below_log_px_and_iwae_converges_to_it(model_2d):
 
 def test_grid_integral_matches_log_px_for_two_latent_dims(model_2d):
     vae, x, exact = model_2d
-    grid = decode_grid(vae, points_per_axis=400, limit=6.0)
-    assert grid.x_hat.shape == (400 * 400, 50)
-    estimate = grid_log_likelihood(vae, x, grid)
+    estimate = grid_log_likelihood(vae, x, points_per_axis=400, limit=6.0)
     torch.testing.assert_close(estimate.log_px, exact, atol=1e-4, rtol=0)
     assert estimate.edge_share.max() < 1e-6
 
 
 def test_grid_integral_for_one_latent_dim():
     vae, x, exact = linear_gaussian_vae(num_dims=30, latent_dim=1, sigma=0.5, seed=3)
-    grid = decode_grid(vae, points_per_axis=2000, limit=7.0)
-    estimate = grid_log_likelihood(vae, x, grid)
+    estimate = grid_log_likelihood(vae, x, points_per_axis=2000, limit=7.0)
     torch.testing.assert_close(estimate.log_px, exact, atol=1e-4, rtol=0)
     assert estimate.edge_share.max() < 1e-6
 
@@ -93,7 +90,7 @@ def test_prior_sampling_is_visibly_worse_than_importance_sampling(model_2d):
 
 def test_a_grid_too_small_says_so_through_its_edge_share(model_2d):
     vae, x, exact = model_2d
-    estimate = grid_log_likelihood(vae, x, decode_grid(vae, points_per_axis=40, limit=1.0))
+    estimate = grid_log_likelihood(vae, x, points_per_axis=40, limit=1.0)
     lost = estimate.log_px < exact - 0.01  # mass beyond the grid is lost for these images ...
     assert 0 < lost.sum() < len(x) and torch.all(estimate.log_px < exact + 1e-6)
     assert torch.all(estimate.edge_share[lost] > 0.01)  # ... and their outermost cells show it
@@ -103,7 +100,7 @@ def test_a_grid_too_small_says_so_through_its_edge_share(model_2d):
 def test_grid_refuses_more_than_two_latent_dims():
     vae, _, _ = linear_gaussian_vae(num_dims=10, latent_dim=3, sigma=0.5)
     with pytest.raises(ValueError, match="latent_dim <= 2"):
-        decode_grid(vae, points_per_axis=10, limit=3.0)
+        grid_log_likelihood(vae, torch.zeros(1, 10, dtype=torch.float64), 10, limit=3.0)
 
 
 def test_batching_over_samples_does_not_change_the_estimates(model_2d):

@@ -48,7 +48,12 @@ def diagonal_normal_log_density(z: Tensor, mu: Tensor | float, logvar: Tensor | 
 
 def kl_to_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
     """Analytic ``KL(N(mu, diag exp(logvar)) || N(0, I))`` per image."""
-    return -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
+    return kl_per_dimension(mu, logvar).sum(dim=1)
+
+
+def kl_per_dimension(mu: Tensor, logvar: Tensor) -> Tensor:
+    """The analytic KL's terms, one per latent dimension: shape ``(B, H)``."""
+    return -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp())
 
 
 def bits_per_dim(log_likelihood: Tensor, num_dims: int, num_bins: int = NUM_BINS) -> Tensor:

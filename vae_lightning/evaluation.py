@@ -13,8 +13,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import make_grid, save_image
 
 from vae_lightning.data import to_unit_interval
-from vae_lightning.elbo import bits_per_dim, squared_error
-from vae_lightning.likelihood import decode_grid, grid_log_likelihood, sampled_estimates
+from vae_lightning.elbo import bits_per_dim, kl_per_dimension, squared_error
+from vae_lightning.likelihood import grid_log_likelihood, sampled_estimates
 from vae_lightning.model import VAE
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,12 @@ def likelihood_metrics(
     and bits/dim; reconstruction MSE/PSNR/SSIM at z = mu; active units and KL per latent dim."""
     device = vae.log_sigma.device
     num_dims = images[0].numel()
-    grid = decode_grid(vae, grid_points, grid_limit, max_batch) if vae.latent_dim <= 2 else None
+    with_grid = vae.latent_dim <= 2
     psnr = PeakSignalNoiseRatio(data_range=1.0).to(device)
     ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
     sums: dict[str, Tensor] = {}
-    mus, kl_per_dim = [], torch.zeros(vae.latent_dim, device=device, dtype=torch.float64)
-    grid_edge_share = 0.0
+    mus, scored = [], []
+    kl_per_dim = torch.zeros(vae.latent_dim, device=device, dtype=torch.float64)
 
     def add(name: str, per_image: Tensor) -> None:
         sums[name] = sums.get(name, 0.0) + per_image.double().sum()
@@ -57,18 +57,19 @@ def likelihood_metrics(
         add("elbo", estimates.elbo)
         add("iwae", estimates.iwae)
         add("prior_sampling", estimates.prior)
-        if grid is not None:
-            estimate = grid_log_likelihood(vae, x, grid)
-            add("grid", estimate.log_px)
-            grid_edge_share = max(grid_edge_share, estimate.edge_share.max().item())
+        if with_grid:
+            scored.append(x)
         mu, logvar = vae.encode(x)
         recon = vae.decode(mu)
         add("recon_mse", squared_error(x, recon) / num_dims)
         psnr.update(recon, x)
         ssim.update(recon, x)
         mus.append(mu.double())
-        kl_per_dim += (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).double().sum(0)
+        kl_per_dim += kl_per_dimension(mu, logvar).double().sum(0)
 
+    if with_grid:  # one pass over the grid for all images: m^H decoder calls in all
+        grid = grid_log_likelihood(vae, torch.cat(scored), grid_points, grid_limit, max_batch)
+        add("grid", grid.log_px)
     n = len(images)
     means = {name: (total / n).item() for name, total in sums.items()}
     results: dict[str, float | list[float]] = {"num_images": n, "num_samples": num_samples}
@@ -76,7 +77,8 @@ def likelihood_metrics(
         if name in means:
             results[f"{name}_nats"] = means[name]
             results[f"{name}_bpd"] = bits_per_dim(torch.tensor(means[name]), num_dims).item()
-    if grid is not None:
+    if with_grid:
+        grid_edge_share = grid.edge_share.max().item()
         results["grid_edge_share_max"] = grid_edge_share
         if grid_edge_share > 1e-3:
             log.warning(

@@ -72,49 +72,42 @@ def sampled_estimates(
     )
 
 
-class LatentGrid(NamedTuple):
-    """Cell centres of a regular grid over [-limit, limit]^H, decoded once."""
-
-    x_hat: Tensor  # (G, D), flattened decoder means
-    log_prior: Tensor  # (G,)
-    on_edge: Tensor  # (G,) True for the outermost ring of cells
-    log_cell_volume: float
-
-
 class GridEstimate(NamedTuple):
-    """Per image: the Riemann sum of log p(x), and the share of it in the outermost cells
-    (when that share is not negligible, the grid cuts off mass: widen it)."""
+    """Per image: the Riemann sum of log p(x), and the share of it in the outermost ring of
+    cells (when that share is not negligible, the grid cuts off mass: widen it)."""
 
     log_px: Tensor
     edge_share: Tensor
 
 
 @torch.no_grad()
-def decode_grid(vae: VAE, points_per_axis: int, limit: float, max_batch: int = 4096) -> LatentGrid:
-    """Decode the m^H cell centres of the grid; H must be 1 or 2 (m^H decoder calls)."""
+def grid_log_likelihood(
+    vae: VAE, x: Tensor, points_per_axis: int, limit: float, max_batch: int = 4096
+) -> GridEstimate:
+    """log Σ_g p(x|z_g) p(z_g) ΔV per image over the m^H cell centres of [-limit, limit]^H.
+
+    Affordable for H <= 2 only. Each chunk of grid points is decoded once and scored against
+    every image at once (||x - x_hat||^2 as a float64 matrix product), so the cost is m^H
+    decoder calls however many images there are.
+    """
     if vae.latent_dim > 2:
         raise ValueError(f"a latent grid needs latent_dim <= 2, got {vae.latent_dim}")
-    device, dtype = vae.log_sigma.device, vae.log_sigma.dtype
     step = 2 * limit / points_per_axis
-    axis = -limit + step * (torch.arange(points_per_axis, device=device, dtype=dtype) + 0.5)
+    axis = -limit + step * (torch.arange(points_per_axis, device=x.device, dtype=x.dtype) + 0.5)
     points = torch.cartesian_prod(*[axis] * vae.latent_dim).reshape(-1, vae.latent_dim)
-    x_hat = torch.cat([vae.decode(c).flatten(1) for c in points.split(max_batch)])
-    log_prior = diagonal_normal_log_density(points, 0.0, 0.0)
-    on_edge = (points.abs() > limit - step).any(dim=1)
-    return LatentGrid(x_hat, log_prior, on_edge, vae.latent_dim * math.log(step))
-
-
-@torch.no_grad()
-def grid_log_likelihood(vae: VAE, x: Tensor, grid: LatentGrid) -> GridEstimate:
-    """log Σ_g p(x|z_g) p(z_g) ΔV per image (Riemann sum), for a grid from ``decode_grid``."""
     x_flat = x.flatten(1).double()
-    x_hat = grid.x_hat.double()
-    # ||x - x_hat||^2 for every (image, grid point) pair, as a matrix product.
-    sq = x_flat.pow(2).sum(1, keepdim=True) + x_hat.pow(2).sum(1) - 2.0 * x_flat @ x_hat.T
-    log_px_z = log_likelihood_from_squared_error(
-        sq.clamp_min(0.0), x_flat.shape[1], vae.decoder_log_sigma().double()
-    )
-    log_joint = log_px_z + grid.log_prior.double()
-    log_total = torch.logsumexp(log_joint, dim=1)
-    edge_share = torch.exp(torch.logsumexp(log_joint[:, grid.on_edge], dim=1) - log_total)
-    return GridEstimate((log_total + grid.log_cell_volume).to(x.dtype), edge_share.to(x.dtype))
+    x_sq = x_flat.pow(2).sum(1, keepdim=True)
+    log_sigma = vae.decoder_log_sigma().double()
+    totals, edges = [], []
+    for chunk in points.split(max_batch):
+        x_hat = vae.decode(chunk).flatten(1).double()
+        sq = (x_sq + x_hat.pow(2).sum(1) - 2.0 * x_flat @ x_hat.T).clamp_min(0.0)
+        log_joint = log_likelihood_from_squared_error(sq, x_flat.shape[1], log_sigma)
+        log_joint = log_joint + diagonal_normal_log_density(chunk.double(), 0.0, 0.0)
+        totals.append(torch.logsumexp(log_joint, dim=1))
+        on_edge = (chunk.abs() > limit - step).any(dim=1)
+        edges.append(torch.logsumexp(log_joint[:, on_edge], dim=1))
+    log_total = torch.logsumexp(torch.stack(totals), dim=0)
+    edge_share = torch.exp(torch.logsumexp(torch.stack(edges), dim=0) - log_total)
+    log_cell_volume = vae.latent_dim * math.log(step)
+    return GridEstimate((log_total + log_cell_volume).to(x.dtype), edge_share.to(x.dtype))
