@@ -2,6 +2,7 @@
 
 import pickle
 import urllib.error
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from vae_lightning.data import (
     BASE_FOLDER,
     CIFAR10DataModule,
     DatasetNotFoundError,
+    DeviceBatches,
     ensure_cifar10,
     random_hflip,
     read_cifar10,
@@ -116,3 +118,75 @@ def test_real_cifar10_sizes():
     dm = CIFAR10DataModule(str(REAL_DATA), download=False)
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (45_000, 5_000, 10_000)
+
+
+@pytest.mark.parametrize(
+    ("num_images", "world_size", "batch_size"), [(100, 3, 8), (72, 2, 16), (45, 1, 7)]
+)
+def test_device_batches_shard_every_index_once_per_epoch(num_images, world_size, batch_size):
+    images = torch.arange(num_images)
+    ranks = [
+        DeviceBatches(
+            images, images, batch_size, shuffle=True, seed=5, rank=r, world_size=world_size
+        )
+        for r in range(world_size)
+    ]
+    assert len({len(b) for b in ranks}) == 1  # the same number of steps on every rank
+    orders = []
+    for epoch in (0, 1):
+        batches = [b.batch_indices(epoch) for b in ranks]
+        assert all(len(per_rank) == len(ranks[0]) for per_rank in batches)
+        assert all(0 < len(idx) <= batch_size for per_rank in batches for idx in per_rank)
+        seen = torch.cat([idx for per_rank in batches for idx in per_rank])
+        assert sorted(seen.tolist()) == list(range(num_images))  # each image exactly once
+        orders.append(seen)
+    assert not torch.equal(orders[0], orders[1])  # reshuffled each epoch
+    again = DeviceBatches(
+        images, images, batch_size, shuffle=True, seed=5, rank=0, world_size=world_size
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(again.batch_indices(1), ranks[0].batch_indices(1), strict=True)
+    )
+
+
+def test_device_batches_yield_images_with_their_labels():
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 3, 2, 2)
+    labels = torch.arange(20)
+    for x, y in DeviceBatches(images, labels, batch_size=6, shuffle=True, epoch=lambda: 3):
+        assert torch.equal(x[:, 0, 0, 0].long(), y)
+
+
+def test_device_path_matches_the_dataloader_path(cifar_dir):
+    def epoch_images(on_device):
+        dm = CIFAR10DataModule(
+            str(cifar_dir), batch_size=16, num_workers=0, on_device=on_device, download=False
+        )
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        assert isinstance(loader, DeviceBatches) == on_device
+        x = torch.cat([b[0] for b in loader])
+        val = torch.cat([b[0] for b in dm.val_dataloader()])
+        return x, val
+
+    (fast, fast_val), (slow, slow_val) = epoch_images(True), epoch_images(False)
+    assert torch.equal(fast_val, slow_val)  # same split, same order
+    assert fast.shape == slow.shape
+    assert sorted(map(tuple, fast.flatten(1).tolist())) == sorted(
+        map(tuple, slow.flatten(1).tolist())
+    )
+    torch.testing.assert_close(fast.float().mean(), slow.float().mean())
+    torch.testing.assert_close(fast.float().std(), slow.float().std())
+
+
+def test_flips_are_applied_on_the_device_path_in_training_only(cifar_dir):
+    dm = CIFAR10DataModule(str(cifar_dir), batch_size=64, random_flip=True, dequantize=False)
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    expected = to_unit_interval(images, dequantize=False)
+    for training, should_flip in ((True, True), (False, False)):
+        dm.trainer = SimpleNamespace(training=training)
+        torch.manual_seed(0)
+        x, _ = dm.on_after_batch_transfer((images, labels), 0)
+        flipped = (x == expected.flip(-1)).flatten(1).all(1) & ~(x == expected).flatten(1).all(1)
+        assert bool(flipped.any()) == should_flip

@@ -75,6 +75,8 @@ def validate_config(cfg: DictConfig) -> None:
     _check(
         _is_real(fraction) and 0 < fraction < 1, "data.val_fraction", fraction, "between 0 and 1"
     )
+    on_device = _get(cfg, "data.on_device")
+    _check(on_device in ("auto", True, False), "data.on_device", on_device, "auto, true or false")
     epochs = _get(cfg, "trainer.max_epochs")
     _check(
         epochs is None or (_is_int(epochs) and (epochs >= 1 or epochs == -1)),

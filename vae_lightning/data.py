@@ -4,13 +4,19 @@ The files are the official python batches (``cifar-10-batches-py/``). torchvisio
 when they are missing; when they are present they are read directly, without torchvision's md5
 check, so that any folder in the same pickle layout (a test fixture, a mirror) works.
 
+Batches come from a DataLoader, or (``on_device``) straight from the uint8 tensors moved once to the
+training device, sharded by rank under DDP.
+
 Pixel scaling: an 8-bit value k becomes x = (k + u) / 256 with u ~ U[0, 1) (uniform
 dequantization, the default) or u = 1/2 (bin centres). Either way the 256 bins of [0, 1] have
 width 1/256, which is what ``vae_lightning.elbo.bits_per_dim`` assumes.
 """
 
+import math
+import os
 import pickle
 import urllib.error
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -77,6 +83,48 @@ def random_hflip(x: Tensor) -> Tensor:
     return torch.where(flip, x.flip(-1), x)
 
 
+class DeviceBatches:
+    """Batches drawn by index from uint8 tensors that already live on the training device.
+
+    Each epoch uses a permutation seeded by (``seed``, epoch), the same on every rank; rank r
+    takes every ``world_size``-th index from position r, so across ranks each image is used once
+    per epoch, and every rank gets the same number of batches (DDP steps in lockstep).
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, epoch
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(len(self.images) / self.world_size)
+        return math.ceil(per_rank / self.batch_size)
+
+    def batch_indices(self, epoch: int) -> list[Tensor]:
+        """This rank's index batches for ``epoch``: ``len(self)`` of them, near-equal in size."""
+        n = len(self.images)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(n)
+        shard = order[self.rank :: self.world_size].to(self.images.device)
+        return list(torch.tensor_split(shard, len(self)))
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for idx in self.batch_indices(self.epoch()):
+            yield self.images[idx], self.labels[idx]
+
+
 class CIFAR10DataModule(L.LightningDataModule):
     """Train/val split of the 50k training images (seeded), and the official 10k test set."""
 
@@ -90,6 +138,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         random_flip: bool = False,
         dequantize: bool = True,
         download: bool = True,
+        on_device: bool | str = "auto",
     ) -> None:
         super().__init__()
         self.data_dir = data_dir
@@ -100,6 +149,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.random_flip = random_flip
         self.dequantize = dequantize
         self.download = download
+        self.on_device = on_device
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
@@ -121,9 +171,31 @@ class CIFAR10DataModule(L.LightningDataModule):
             ensure_cifar10(self.data_dir, download=False)
             self.test_set = TensorDataset(*read_cifar10(self.data_dir, train=False))
 
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
+    def uses_device_path(self, device: torch.device) -> bool:
+        """``on_device`` as set; ``auto``: yes, unless a CUDA device has too little free memory."""
+        if self.on_device != "auto":
+            return bool(self.on_device)
+        if device.type != "cuda":
+            return True
+        sets = (self.train_set, self.val_set, self.test_set)
+        needed = sum(t.numel() for s in sets if s is not None for t in s.tensors)
+        return 4 * needed < torch.cuda.mem_get_info(device)[0]
+
+    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader | DeviceBatches:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer else torch.device("cpu")
+        if self.uses_device_path(device):
+            return DeviceBatches(
+                *(t.to(device) for t in dataset.tensors),
+                batch_size=self.batch_size,
+                shuffle=shuffle,
+                seed=int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())),
+                rank=trainer.global_rank if trainer else 0,
+                world_size=trainer.world_size if trainer else 1,
+                epoch=(lambda: trainer.current_epoch) if trainer else (lambda: 0),
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -133,13 +205,13 @@ class CIFAR10DataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.train_set, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.val_set, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.test_set, shuffle=False)
 
     def on_after_batch_transfer(
