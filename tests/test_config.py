@@ -38,6 +38,8 @@ def test_defaults_are_valid():
         ("trainer.max_epochs=0", "trainer.max_epochs", "integer >= 1"),
         ("logger.wandb.mode=sometimes", "logger.wandb.mode", "offline"),
         ("ckpt_path=/no/such/file.ckpt", "ckpt_path", "existing checkpoint"),
+        ("model.compile=yes", "model.compile", "true or false"),
+        ("data.on_device=maybe", "data.on_device", "auto, true or false"),
     ],
 )
 def test_bad_values_name_key_and_allowed_values(override, key, allowed):

@@ -75,6 +75,9 @@ def validate_config(cfg: DictConfig) -> None:
     _check(
         _is_real(fraction) and 0 < fraction < 1, "data.val_fraction", fraction, "between 0 and 1"
     )
+    for key in ("model.compile", "data.random_flip", "data.dequantize", "data.download", "test"):
+        value = _get(cfg, key)
+        _check(isinstance(value, bool), key, value, "true or false")
     on_device = _get(cfg, "data.on_device")
     _check(on_device in ("auto", True, False), "data.on_device", on_device, "auto, true or false")
     epochs = _get(cfg, "trainer.max_epochs")

@@ -33,8 +33,9 @@ class VAELitModule(L.LightningModule):
     """Trains a VAE by minimizing ``||x - x_hat||^2 / (2 sigma^2) + beta * KL`` per image.
 
     ``arch`` holds ``encoder`` and ``decoder`` configs (``_target_`` + kwargs, without the latent
-    size) and ``optimizer`` a partial optimizer config, so the module is rebuilt from its
-    checkpoint's hyperparameters alone.
+    size) and optionally ``channels_last`` (convolutions in NHWC layout, faster on GPUs);
+    ``optimizer`` is a partial optimizer config, so the module is rebuilt from its checkpoint's
+    hyperparameters alone. ``compile`` compiles encoder and decoder with ``torch.compile``.
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class VAELitModule(L.LightningModule):
         sigma: float = 0.1,
         sigma_mode: SigmaMode = "fixed",
         beta: float = 1.0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # Plain containers, so that checkpoints load with torch.load(weights_only=True).
@@ -58,6 +60,12 @@ class VAELitModule(L.LightningModule):
             sigma_mode=sigma_mode,
         )
         self.beta = beta
+        self.channels_last = bool(arch.get("channels_last", False))
+        if self.channels_last:
+            self.vae.to(memory_format=torch.channels_last)
+        if compile:  # in place: the state dict keeps its keys
+            self.vae.encoder.compile()
+            self.vae.decoder.compile()
         self.eval_metrics = nn.ModuleDict(
             {f"{split}_{name}": MeanMetric() for split in ("val", "test") for name in METRICS}
         )
@@ -67,8 +75,16 @@ class VAELitModule(L.LightningModule):
         return self.vae(x).x_hat
 
     def compute_terms(self, x: Tensor) -> dict[str, Tensor]:
-        """Per-image loss and metrics (each of shape ``(B,)``) for a batch in [0, 1]."""
+        """Per-image loss and metrics (each of shape ``(B,)``) for a batch in [0, 1].
+
+        The networks may run in reduced precision (bf16 autocast); every reduction runs in fp32.
+        """
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x_hat, mu, logvar, _ = self.vae(x)
+        x_hat, mu, logvar = (
+            t.to(torch.promote_types(t.dtype, x.dtype)) for t in (x_hat, mu, logvar)
+        )
         num_dims = x[0].numel()
         sq_err = squared_error(x, x_hat)
         kl = kl_to_standard_normal(mu, logvar)
@@ -110,4 +126,9 @@ class VAELitModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return instantiate(self.hparams.optimizer)(params=self.parameters())
+        """The configured optimizer; Adam and AdamW get the fused CUDA kernel on a GPU."""
+        make = instantiate(self.hparams.optimizer)
+        fused = {}
+        if make.func in (torch.optim.Adam, torch.optim.AdamW) and "fused" not in make.keywords:
+            fused["fused"] = self.device.type == "cuda"
+        return make(params=self.parameters(), **fused)
