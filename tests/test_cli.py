@@ -1,6 +1,7 @@
 """``python -m vae_lightning.train`` as a user runs it, on a tiny CIFAR-10 written by the tests."""
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,45 @@ def test_smoke_on_real_cifar10(tmp_path):
     assert_run_folder(run)
     bpd = last_value(metrics_csv(run), "val/bpd")
     assert 3.0 < bpd < 11.0, bpd  # 8 bits is a uniform density; 20 steps get near it
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_and_keeps_it(cifar_dir, tmp_path):
+    args = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT, "model.latent_dim=8"]
+    run_train(args, cwd=tmp_path / "first")
+    last = single_run(tmp_path / "first") / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    proc = run_train(
+        [*args, "model.latent_dim=16", "model/arch=mlp", f"ckpt_path={last}"],
+        cwd=tmp_path / "second",
+        expect_ok=False,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert (
+        f"ckpt_path={last} holds a different model (model.latent_dim: checkpoint 8" in proc.stderr
+    )
+    assert (
+        "model.arch: checkpoint {'encoder': {'_target_': 'vae_lightning.architectures.ConvEncoder'"
+        in proc.stderr
+    )
+    assert last.read_bytes() == before
+    assert not list((tmp_path / "second").glob("outputs/runs/*/*/checkpoints"))
+
+
+def test_resume_refuses_a_file_that_is_no_checkpoint(cifar_dir, tmp_path):
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_text("not a checkpoint")
+    proc = run_train(
+        [f"data.data_dir={cifar_dir}", f"ckpt_path={bogus}"], tmp_path, expect_ok=False
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"ckpt_path={bogus} cannot be read as a vae_lightning checkpoint" in proc.stderr
+
+
+def test_truncated_dataset_file_gives_one_clear_error(cifar_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(cifar_dir, data)
+    batch = data / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(batch.read_bytes()[:1000])
+    proc = run_train([f"data.data_dir={data}", "logger=csv"], tmp_path, expect_ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{batch} is not a CIFAR-10 batch" in proc.stderr and "download it again" in proc.stderr

@@ -11,6 +11,7 @@ from tests.conftest import REAL_DATA, write_cifar10
 from vae_lightning.data import (
     BASE_FOLDER,
     CIFAR10DataModule,
+    DatasetCorruptError,
     DatasetNotFoundError,
     DeviceBatches,
     ensure_cifar10,
@@ -109,8 +110,19 @@ def test_malformed_batch_is_reported_with_its_file(tmp_path):
     bad = tmp_path / BASE_FOLDER / "data_batch_3"
     with open(bad, "wb") as f:
         pickle.dump({"data": torch.zeros(2, 100, dtype=torch.uint8).numpy(), "labels": [0, 1]}, f)
-    with pytest.raises(ValueError, match="data_batch_3"):
+    with pytest.raises(DatasetCorruptError, match=r"data_batch_3.*delete it"):
         read_cifar10(tmp_path, train=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_truncated_or_garbage_batch_is_named_with_what_to_do(tmp_path, damage):
+    write_cifar10(tmp_path, images_per_file=4)
+    path = tmp_path / BASE_FOLDER / "test_batch"
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2] if damage == "truncate" else b"not a pickle")
+    with pytest.raises(DatasetCorruptError) as err:
+        read_cifar10(tmp_path, train=False)
+    assert str(path) in str(err.value) and "download it again" in str(err.value)
 
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="no real CIFAR-10 at ../shared/data")

@@ -1,8 +1,10 @@
 """Checks of the composed config, so that bad settings fail before any data or model is built."""
 
+import pickle
 from numbers import Real
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -92,3 +94,30 @@ def validate_config(cfg: DictConfig) -> None:
     if wandb_mode is not None:
         _check(wandb_mode in WANDB_MODES, "logger.wandb.mode", wandb_mode, f"one of {WANDB_MODES}")
     _check_checkpoint(cfg)
+
+
+def check_resume_checkpoint(cfg: DictConfig) -> None:
+    """Refuse a ``ckpt_path`` that is no checkpoint, or whose model differs from ``cfg.model``."""
+    path = _get(cfg, "ckpt_path")
+    if path is None:
+        return
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved = checkpoint["hyper_parameters"]
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"ckpt_path={path} cannot be read as a vae_lightning checkpoint "
+            f"({type(err).__name__}): pass a .ckpt file written by vae_lightning.train."
+        ) from None
+    wanted = {
+        "model.latent_dim": _get(cfg, "model.latent_dim"),
+        "model.arch": OmegaConf.to_container(cfg.model.arch, resolve=True),
+    }
+    found = {"model.latent_dim": saved.get("latent_dim"), "model.arch": saved.get("arch")}
+    differ = [key for key in wanted if wanted[key] != found[key]]
+    if differ:
+        details = "; ".join(f"{k}: checkpoint {found[k]}, this run {wanted[k]}" for k in differ)
+        raise ConfigError(
+            f"ckpt_path={path} holds a different model ({details}). Resume with the model "
+            "settings of the run that wrote it, or drop ckpt_path to start afresh."
+        )

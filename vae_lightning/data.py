@@ -33,17 +33,30 @@ class DatasetNotFoundError(FileNotFoundError):
     """CIFAR-10 is not in the data folder and could not be downloaded."""
 
 
+class DatasetCorruptError(ValueError):
+    """A CIFAR-10 batch file cannot be read as one."""
+
+
 def read_cifar10(root: str | Path, train: bool) -> tuple[Tensor, Tensor]:
     """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` int64 from the python batch files."""
     folder = Path(root) / BASE_FOLDER
     images, labels = [], []
     for name in TRAIN_FILES if train else TEST_FILES:
-        with open(folder / name, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        data = torch.as_tensor(entry["data"], dtype=torch.uint8)
+        path = folder / name
+        fix = "delete it to download it again, or replace it with the official file"
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            data = torch.as_tensor(entry["data"], dtype=torch.uint8)
+        except PermissionError as err:
+            raise PermissionError(
+                f"{path} cannot be read: {err.strerror}; fix its permissions"
+            ) from None
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+            raise DatasetCorruptError(f"{path} is not a CIFAR-10 batch ({err!r}): {fix}") from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(
-                f"{folder / name}: expected rows of 3072 pixels, got {tuple(data.shape)}"
+            raise DatasetCorruptError(
+                f"{path}: expected rows of 3072 pixels, got {tuple(data.shape)}: {fix}"
             )
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(torch.as_tensor(entry.get("labels", entry.get("fine_labels"))))

@@ -9,8 +9,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lightning.config import ConfigError, validate_config
-from vae_lightning.data import DatasetNotFoundError
+from vae_lightning.config import ConfigError, check_resume_checkpoint, validate_config
+from vae_lightning.data import DatasetCorruptError, DatasetNotFoundError
 from vae_lightning.loggers import finish_wandb_run
 from vae_lightning.run import (
     flatten,
@@ -65,10 +65,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     try:
         validate_config(cfg)
+        check_resume_checkpoint(cfg)
         metrics = train(cfg)
     except ConfigError as err:
         raise SystemExit(f"Invalid configuration: {err}") from None
-    except DatasetNotFoundError as err:
+    except (DatasetNotFoundError, DatasetCorruptError, PermissionError) as err:
         raise SystemExit(f"Error: {err}") from None
     log.info(f"Run folder: {cfg.paths.output_dir}")
     return metrics.get(cfg.optimized_metric)
