@@ -293,3 +293,11 @@ def test_truncated_dataset_file_gives_one_clear_error(cifar_dir, tmp_path):
     proc = run_train([f"data.data_dir={data}", "logger=csv"], tmp_path, expect_ok=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"{batch} is not a CIFAR-10 batch" in proc.stderr and "download it again" in proc.stderr
+
+
+def test_diverging_run_stops_with_the_step_and_what_to_do(cifar_dir, tmp_path):
+    args = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT, "model.optimizer.lr=1e12"]
+    proc = run_train(args, tmp_path, expect_ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "The loss is " in proc.stderr and " at step 1 (epoch 0)" in proc.stderr
+    assert "no checkpoint was written yet: restart with a lower model.optimizer.lr" in proc.stderr

@@ -69,6 +69,8 @@ def validate_config(cfg: DictConfig) -> None:
         _check(_is_real(value) and value > 0, key, value, "a number > 0")
     beta = _get(cfg, "model.beta")
     _check(_is_real(beta) and beta >= 0, "model.beta", beta, "a number >= 0")
+    nonfinite = _get(cfg, "model.nonfinite_loss")
+    _check(nonfinite in ("stop", "skip"), "model.nonfinite_loss", nonfinite, "stop or skip")
     mode = _get(cfg, "model.sigma_mode")
     _check(mode in SIGMA_MODES, "model.sigma_mode", mode, f"one of {', '.join(SIGMA_MODES)}")
     workers = _get(cfg, "data.num_workers")

@@ -1,6 +1,8 @@
 """The LightningModule: a VAE, its training loss, and the honest per-split metrics."""
 
+import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,6 +20,8 @@ from vae_lightning.elbo import (
 )
 from vae_lightning.model import VAE, SigmaMode
 
+log = logging.getLogger(__name__)
+
 METRICS = ("loss", "recon_mse", "kl", "elbo", "bpd")
 """Logged as ``{split}/{name}``: loss (training objective), recon_mse (per pixel), kl and elbo
 (nats per image), bpd (bits per dimension of the 8-bit image, a bound from the ELBO)."""
@@ -29,6 +33,10 @@ def _to_plain(config: Mapping[str, Any]) -> dict[str, Any]:
     return dict(config)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
 class VAELitModule(L.LightningModule):
     """Trains a VAE by minimizing ``||x - x_hat||^2 / (2 sigma^2) + beta * KL`` per image.
 
@@ -36,6 +44,8 @@ class VAELitModule(L.LightningModule):
     size) and optionally ``channels_last`` (convolutions in NHWC layout, faster on GPUs);
     ``optimizer`` is a partial optimizer config, so the module is rebuilt from its checkpoint's
     hyperparameters alone. ``compile`` compiles encoder and decoder with ``torch.compile``.
+    A NaN or infinite loss stops training with ``NonFiniteLossError`` (``nonfinite_loss="stop"``)
+    or skips that step on every rank (``"skip"``).
     """
 
     def __init__(
@@ -47,6 +57,7 @@ class VAELitModule(L.LightningModule):
         sigma_mode: SigmaMode = "fixed",
         beta: float = 1.0,
         compile: bool = False,
+        nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
         # Plain containers, so that checkpoints load with torch.load(weights_only=True).
@@ -60,6 +71,7 @@ class VAELitModule(L.LightningModule):
             sigma_mode=sigma_mode,
         )
         self.beta = beta
+        self.nonfinite_loss = nonfinite_loss
         self.channels_last = bool(arch.get("channels_last", False))
         if self.channels_last:
             self.vae.to(memory_format=torch.channels_last)
@@ -110,7 +122,31 @@ class VAELitModule(L.LightningModule):
         means = {f"train/{name}": terms[name].detach().mean() for name in METRICS}
         means["train/sigma"] = self.vae.decoder_log_sigma().detach().exp()
         self.log_dict(means, on_step=True, on_epoch=False, batch_size=x.shape[0])
-        return terms["loss"].mean()
+        loss = terms["loss"].mean()
+        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            return loss
+        if self.nonfinite_loss == "skip":
+            log.warning(f"Non-finite loss at step {self.global_step}: step skipped.")
+            return None
+        last = self._last_checkpoint()
+        what_now = (
+            f"the last good checkpoint is {last}: resume from it (ckpt_path=...) with"
+            if last
+            else "no checkpoint was written yet: restart with"
+        )
+        raise NonFiniteLossError(
+            f"The loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+            f"{what_now} a lower model.optimizer.lr, or set model.nonfinite_loss=skip."
+        )
+
+    def _last_checkpoint(self) -> str | None:
+        paths = [
+            Path(p)
+            for cb in self.trainer.checkpoint_callbacks
+            for p in (cb.best_model_path, cb.last_model_path)
+            if p and Path(p).is_file()
+        ]
+        return str(max(paths, key=lambda p: p.stat().st_mtime)) if paths else None
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
         terms = self.compute_terms(batch[0])

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from vae_lightning.config import ConfigError, check_resume_checkpoint, validate_config
 from vae_lightning.data import DatasetCorruptError, DatasetNotFoundError
 from vae_lightning.loggers import finish_wandb_run
+from vae_lightning.module import NonFiniteLossError
 from vae_lightning.run import (
     flatten,
     isolated_ddp_job,
@@ -69,7 +70,7 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except ConfigError as err:
         raise SystemExit(f"Invalid configuration: {err}") from None
-    except (DatasetNotFoundError, DatasetCorruptError, PermissionError) as err:
+    except (DatasetNotFoundError, DatasetCorruptError, PermissionError, NonFiniteLossError) as err:
         raise SystemExit(f"Error: {err}") from None
     log.info(f"Run folder: {cfg.paths.output_dir}")
     return metrics.get(cfg.optimized_metric)

@@ -1,0 +1,70 @@
+"""A NaN or infinite loss never passes silently: it stops the run, or skips the step."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tests.test_model import ADAM, MLP
+from vae_lightning.data import CIFAR10DataModule
+from vae_lightning.module import NonFiniteLossError, VAELitModule
+
+
+def nan_at_step(module: VAELitModule, bad_step: int) -> None:
+    """Make the loss NaN for the batch of global step ``bad_step``."""
+    compute = module.compute_terms
+
+    def poisoned(x):
+        terms = compute(x)
+        if module.trainer.training and module.global_step == bad_step:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    module.compute_terms = poisoned
+
+
+def fit(module, cifar_dir, tmp_path, epochs=2):
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last")],
+        num_sanity_val_steps=0,
+    )
+    dm = CIFAR10DataModule(str(cifar_dir), batch_size=16, num_workers=0, download=False)
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(cifar_dir, tmp_path):
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4)
+    nan_at_step(module, bad_step=7)  # 5 steps per epoch: in the second epoch
+    with pytest.raises(NonFiniteLossError) as err:
+        fit(module, cifar_dir, tmp_path)
+    message = str(err.value)
+    assert "The loss is nan at step 7 (epoch 1)" in message
+    assert f"the last good checkpoint is {tmp_path / 'last.ckpt'}" in message
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_nan_loss_can_skip_the_step_instead(cifar_dir, tmp_path):
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, nonfinite_loss="skip")
+    snapshots = {}
+    compute = module.compute_terms
+
+    def recording(x):  # the weights each training step starts from
+        if module.trainer.training:
+            weights = [p.detach().flatten() for p in module.parameters()]
+            snapshots[module.global_step] = torch.cat(weights)
+        return compute(x)
+
+    module.compute_terms = recording
+    nan_at_step(module, bad_step=2)
+    fit(module, cifar_dir, tmp_path, epochs=1)
+    assert sorted(snapshots) == [0, 1, 2, 3, 4]
+    assert not torch.equal(snapshots[1], snapshots[2])  # ordinary steps update the weights
+    assert torch.equal(snapshots[2], snapshots[3])  # the NaN step changed nothing
+    assert all(torch.isfinite(p).all() for p in module.parameters())
