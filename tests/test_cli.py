@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from tests.conftest import REAL_DATA, run_train
+from vae_lightning.report import write_report
 
 pytestmark = pytest.mark.cli
 
@@ -301,3 +302,22 @@ def test_diverging_run_stops_with_the_step_and_what_to_do(cifar_dir, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "The loss is " in proc.stderr and " at step 1 (epoch 0)" in proc.stderr
     assert "no checkpoint was written yet: restart with a lower model.optimizer.lr" in proc.stderr
+
+
+def test_a_failing_job_does_not_stop_the_sweep(cifar_dir, tmp_path):
+    args = ["-m", "model.sigma=0.1,-1,0.2", f"data.data_dir={cifar_dir}", "logger=csv", *SHORT]
+    proc = run_train(args, tmp_path, expect_ok=False)
+    assert proc.returncode != 0  # the sweep as a whole reports the failure ...
+    jobs = sweep_jobs(tmp_path)
+    assert [(j.name, (j / "metrics.json").is_file()) for j in jobs] == [
+        ("0", True),
+        ("1", False),
+        ("2", True),
+    ]  # ... after running the jobs after it
+    out = proc.stdout + proc.stderr
+    assert "Job 1 (model.sigma=-1 " in out and "model.sigma must be a number > 0" in out
+    failed = yaml.safe_load((jobs[0].parent / "failed_jobs.yaml").read_text())
+    assert [f["job"] for f in failed] == [1] and "model.sigma=-1" in failed[0]["overrides"]
+    write_report(jobs[0].parent)
+    report = (jobs[0].parent / "report.md").read_text()
+    assert "failed or unfinished): 1\n- job 1: JobFailed: Invalid configuration" in report

@@ -113,6 +113,9 @@ def write_report(sweep_dir: Path, output_dir: Path | None = None) -> list[Path]:
     written = [output_dir / "report.md", output_dir / "report.csv"]
     missing = [j["job"] for j in jobs if not j["metrics"]]
     note = f"\nJobs without metrics.json (failed or unfinished): {', '.join(missing)}\n"
+    failures_file = sweep_dir / "failed_jobs.yaml"
+    for failure in yaml.safe_load(failures_file.read_text()) if failures_file.is_file() else []:
+        note += f"- job {failure['job']}: {failure['error']}\n"
     written[0].write_text(markdown_table(rows) + (note if missing else ""))
     with open(written[1], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -1,6 +1,7 @@
 """Hydra run bookkeeping: W&B groups per sweep, the resolved config, DDP inside a multirun."""
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -10,8 +11,12 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
+
+log = logging.getLogger(__name__)
 
 _CONFIG_FLAGS = ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir")
 
@@ -95,3 +100,27 @@ def isolated_ddp_job() -> Iterator[None]:
         sys.argv = saved_argv
         with read_write(hydra_cfg):
             hydra_cfg.run.dir = saved_dir
+
+
+class JobFailed(RuntimeError):
+    """A sweep job stopped for a reason already explained in its message (no traceback needed)."""
+
+
+class RecordFailedJobs(Callback):
+    """Hydra callback: after each failed job of a multirun, one log line and an entry in
+    ``<sweep folder>/failed_jobs.yaml`` (job number, overrides, error); the sweep carries on."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if job_return.status != JobStatus.FAILED or not is_multirun():
+            return
+        hydra_cfg = HydraConfig.get()
+        error = job_return._return_value
+        entry = {
+            "job": hydra_cfg.job.num,
+            "overrides": list(job_return.overrides or []),
+            "error": f"{type(error).__name__}: {error}",
+        }
+        log.error(f"Job {entry['job']} ({' '.join(entry['overrides'])}) failed: {entry['error']}")
+        path = Path(hydra_cfg.sweep.dir) / "failed_jobs.yaml"
+        failed = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
+        OmegaConf.save(OmegaConf.create([*failed, entry]), path)

@@ -14,7 +14,9 @@ from vae_lightning.data import DatasetCorruptError, DatasetNotFoundError
 from vae_lightning.loggers import finish_wandb_run
 from vae_lightning.module import NonFiniteLossError
 from vae_lightning.run import (
+    JobFailed,
     flatten,
+    is_multirun,
     isolated_ddp_job,
     register_resolvers,
     save_final_metrics,
@@ -22,6 +24,15 @@ from vae_lightning.run import (
 )
 
 log = logging.getLogger(__name__)
+
+KNOWN_ERRORS = (
+    ConfigError,
+    DatasetNotFoundError,
+    DatasetCorruptError,
+    PermissionError,
+    NonFiniteLossError,
+)
+"""Errors whose message says what went wrong and what to do: shown without a traceback."""
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = str(
@@ -68,10 +79,11 @@ def main(cfg: DictConfig) -> float | None:
         validate_config(cfg)
         check_resume_checkpoint(cfg)
         metrics = train(cfg)
-    except ConfigError as err:
-        raise SystemExit(f"Invalid configuration: {err}") from None
-    except (DatasetNotFoundError, DatasetCorruptError, PermissionError, NonFiniteLossError) as err:
-        raise SystemExit(f"Error: {err}") from None
+    except KNOWN_ERRORS as err:
+        message = f"{'Invalid configuration' if isinstance(err, ConfigError) else 'Error'}: {err}"
+        if is_multirun():  # fail this job only: the sweep goes on (see RecordFailedJobs)
+            raise JobFailed(message) from None
+        raise SystemExit(message) from None
     log.info(f"Run folder: {cfg.paths.output_dir}")
     return metrics.get(cfg.optimized_metric)
 
