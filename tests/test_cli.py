@@ -2,13 +2,17 @@
 
 import csv
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import REAL_DATA, run_train
+from tests.conftest import REAL_DATA, cli_env, run_train
 from vae_lightning.report import write_report
 
 pytestmark = pytest.mark.cli
@@ -321,3 +325,41 @@ def test_a_failing_job_does_not_stop_the_sweep(cifar_dir, tmp_path):
     write_report(jobs[0].parent)
     report = (jobs[0].parent / "report.md").read_text()
     assert "failed or unfinished): 1\n- job 1: JobFailed: Invalid configuration" in report
+
+
+def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(cifar_dir, tmp_path):
+    args = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT[1:], "trainer.max_epochs=1000"]
+    every = ["callbacks.last_checkpoint.every_n_train_steps=3"]
+    first = tmp_path / "first"
+    first.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vae_lightning.train", *args, *every],
+        cwd=first,
+        env=cli_env(first),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(first.glob("outputs/runs/*/*/checkpoints/last.ckpt")):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        time.sleep(2)  # let it train on and write more checkpoints, then kill it mid-run
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    last = next(first.glob("outputs/runs/*/*/checkpoints/last.ckpt"))
+    saved = torch.load(last, weights_only=True)  # loads: never half-written
+    assert saved["global_step"] > 0 and saved["global_step"] % 3 == 0
+    assert not [p for p in last.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+    run_train(
+        [*args, *every, f"ckpt_path={last}", "trainer.max_steps=" + str(saved["global_step"] + 3)],
+        tmp_path / "second",
+    )
+    resumed = torch.load(
+        next((tmp_path / "second").glob("outputs/runs/*/*/checkpoints/last.ckpt")),
+        weights_only=True,
+    )
+    assert resumed["global_step"] == saved["global_step"] + 3  # went on from the saved step
