@@ -363,3 +363,41 @@ def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(cifar_dir, tmp
         weights_only=True,
     )
     assert resumed["global_step"] == saved["global_step"] + 3  # went on from the saved step
+
+
+def test_sigterm_saves_and_the_resumed_run_continues_with_the_same_wandb_run(cifar_dir, tmp_path):
+    args = [f"data.data_dir={cifar_dir}", *SHORT[1:]]
+    first = tmp_path / "first"
+    first.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vae_lightning.train", *args, "trainer.max_epochs=1000"],
+        cwd=first,
+        env=cli_env(first),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(first.glob("outputs/runs/*/*/checkpoints/last.ckpt")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output  # a clean exit
+    assert "SIGTERM: saved" in output
+    run = single_run(first)
+    (wandb_run,) = (run / "wandb").glob("offline-run-*")
+    run_id = wandb_run.name.rsplit("-", 1)[1]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["wandb_run_id"] == run_id and saved["global_step"] > 0
+
+    last = run / "checkpoints" / "last.ckpt"
+    max_steps = saved["global_step"] + 2
+    run_train([*args, f"ckpt_path={last}", f"trainer.max_steps={max_steps}"], tmp_path / "second")
+    second = single_run(tmp_path / "second")
+    (resumed_run,) = (second / "wandb").glob("offline-run-*")
+    assert resumed_run.name.endswith(f"-{run_id}")  # the same W&B run
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == max_steps

@@ -5,7 +5,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
@@ -59,3 +60,23 @@ class ImageGrids(L.Callback):
                     logger.log_image(f"images/{name}", [str(path)], step=trainer.global_step)
                 elif isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_image(f"images/{name}", grid, trainer.global_step)
+
+
+class CheckpointOnSigterm(L.Callback):
+    """On SIGTERM (a cluster's preemption notice, ``kill``), Lightning stops at the next step;
+    this saves the checkpoint ``path`` at that step first, so that the run resumes from there.
+    The checkpoint also carries the W&B run id, so the resumed run logs to the same W&B run."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path)
+            rank_zero_info(f"SIGTERM: saved {self.path} at step {trainer.global_step}")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                checkpoint["wandb_run_id"] = logger.version

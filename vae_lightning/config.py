@@ -98,11 +98,12 @@ def validate_config(cfg: DictConfig) -> None:
     _check_checkpoint(cfg)
 
 
-def check_resume_checkpoint(cfg: DictConfig) -> None:
-    """Refuse a ``ckpt_path`` that is no checkpoint, or whose model differs from ``cfg.model``."""
+def check_resume_checkpoint(cfg: DictConfig) -> str | None:
+    """Refuse a ``ckpt_path`` that is no checkpoint, or whose model differs from ``cfg.model``;
+    return the W&B run id stored in it, if any."""
     path = _get(cfg, "ckpt_path")
     if path is None:
-        return
+        return None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         saved = checkpoint["hyper_parameters"]
@@ -123,3 +124,4 @@ def check_resume_checkpoint(cfg: DictConfig) -> None:
             f"ckpt_path={path} holds a different model ({details}). Resume with the model "
             "settings of the run that wrote it, or drop ckpt_path to start afresh."
         )
+    return checkpoint.get("wandb_run_id")

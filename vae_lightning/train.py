@@ -41,13 +41,19 @@ CONFIG_DIR = str(
 register_resolvers()  # ${sweep_group:} in conf/train.yaml
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit on train/val, test the best checkpoint, and return the final metrics."""
+def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
+    """Fit on train/val, test the best checkpoint, and return the final metrics.
+
+    ``wandb_run_id``: the W&B run to continue (when resuming from a checkpoint that names one).
+    """
     L.seed_everything(cfg.seed, workers=True)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     model: L.LightningModule = instantiate(cfg.model, _recursive_=False)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = [
+        instantiate(c, id=wandb_run_id) if name == "wandb" and wandb_run_id else instantiate(c)
+        for name, c in (cfg.get("logger") or {}).items()
+    ]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     if rank_zero_only.rank == 0:
@@ -77,8 +83,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     try:
         validate_config(cfg)
-        check_resume_checkpoint(cfg)
-        metrics = train(cfg)
+        wandb_run_id = check_resume_checkpoint(cfg)
+        metrics = train(cfg, wandb_run_id)
     except KNOWN_ERRORS as err:
         message = f"{'Invalid configuration' if isinstance(err, ConfigError) else 'Error'}: {err}"
         if is_multirun():  # fail this job only: the sweep goes on (see RecordFailedJobs)
