@@ -202,3 +202,16 @@ def test_flips_are_applied_on_the_device_path_in_training_only(cifar_dir):
         x, _ = dm.on_after_batch_transfer((images, labels), 0)
         flipped = (x == expected.flip(-1)).flatten(1).all(1) & ~(x == expected).flatten(1).all(1)
         assert bool(flipped.any()) == should_flip
+
+
+def test_the_same_global_batches_on_one_and_on_two_ranks():
+    images = torch.arange(72)
+    one = DeviceBatches(images, images, 16, shuffle=True, seed=3).batch_indices(epoch=2)
+    two = [
+        DeviceBatches(images, images, 8, shuffle=True, seed=3, rank=r, world_size=2) for r in (0, 1)
+    ]
+    halves = [b.batch_indices(epoch=2) for b in two]
+    assert len(one) == len(halves[0]) == len(halves[1])
+    for whole, a, b in zip(one, *halves, strict=True):
+        assert sorted(torch.cat([a, b]).tolist()) == sorted(whole.tolist())
+        assert abs(len(a) - len(b)) <= 1

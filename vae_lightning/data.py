@@ -99,9 +99,11 @@ def random_hflip(x: Tensor) -> Tensor:
 class DeviceBatches:
     """Batches drawn by index from uint8 tensors that already live on the training device.
 
-    Each epoch uses a permutation seeded by (``seed``, epoch), the same on every rank; rank r
-    takes every ``world_size``-th index from position r, so across ranks each image is used once
-    per epoch, and every rank gets the same number of batches (DDP steps in lockstep).
+    Each epoch uses a permutation seeded by (``seed``, epoch), the same on every rank, cut into
+    ``len(self)`` near-equal global batches; rank r takes every ``world_size``-th image of each
+    from position r. So across ranks each image is used once per epoch, every rank makes the
+    same number of steps (DDP steps in lockstep), and the k-th global batch is the same images
+    whatever the number of ranks (with ``batch_size`` per rank scaled to match).
     """
 
     def __init__(
@@ -120,8 +122,7 @@ class DeviceBatches:
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
 
     def __len__(self) -> int:
-        per_rank = math.ceil(len(self.images) / self.world_size)
-        return math.ceil(per_rank / self.batch_size)
+        return math.ceil(len(self.images) / (self.batch_size * self.world_size))
 
     def batch_indices(self, epoch: int) -> list[Tensor]:
         """This rank's index batches for ``epoch``: ``len(self)`` of them, near-equal in size."""
@@ -130,8 +131,8 @@ class DeviceBatches:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
         else:
             order = torch.arange(n)
-        shard = order[self.rank :: self.world_size].to(self.images.device)
-        return list(torch.tensor_split(shard, len(self)))
+        global_batches = torch.tensor_split(order.to(self.images.device), len(self))
+        return [batch[self.rank :: self.world_size] for batch in global_batches]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for idx in self.batch_indices(self.epoch()):
