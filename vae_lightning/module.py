@@ -14,8 +14,8 @@ from torchmetrics import MeanMetric
 
 from vae_lightning.elbo import (
     bits_per_dim,
-    gaussian_log_likelihood,
     kl_to_standard_normal,
+    log_likelihood_from_squared_error,
     squared_error,
 )
 from vae_lightning.model import VAE, SigmaMode
@@ -105,7 +105,8 @@ class VAELitModule(L.LightningModule):
         recon = 0.5 * sq_err * torch.exp(-2.0 * log_sigma)
         if self.vae.sigma_mode != "fixed":
             recon = recon + num_dims * log_sigma  # a constant only when sigma is fixed
-        elbo = gaussian_log_likelihood(x, x_hat, self.vae.decoder_log_sigma()) - kl
+        log_px_z = log_likelihood_from_squared_error(sq_err, num_dims, self.vae.decoder_log_sigma())
+        elbo = log_px_z - kl
         return {
             "loss": recon + self.beta * kl,
             "recon_mse": sq_err / num_dims,
