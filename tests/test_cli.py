@@ -401,3 +401,16 @@ def test_sigterm_saves_and_the_resumed_run_continues_with_the_same_wandb_run(cif
     assert resumed_run.name.endswith(f"-{run_id}")  # the same W&B run
     resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == max_steps
+
+
+@pytest.mark.parametrize("multirun", [[], ["-m", "model.latent_dim=4,8"]])
+def test_an_output_folder_that_cannot_be_created_is_named_before_anything_runs(
+    cifar_dir, tmp_path, multirun
+):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    args = [*multirun, f"data.data_dir={cifar_dir}", f"paths.output_root={blocker}/outputs"]
+    proc = run_train(args, tmp_path, expect_ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{blocker} is not a writable folder. Set paths.output_root=" in proc.stderr
+    assert blocker.read_text() == "not a folder"

@@ -124,3 +124,24 @@ class RecordFailedJobs(Callback):
         path = Path(hydra_cfg.sweep.dir) / "failed_jobs.yaml"
         failed = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
         OmegaConf.save(OmegaConf.create([*failed, entry]), path)
+
+
+class CheckOutputFolder(Callback):
+    """Hydra callback: before any job starts, exit with one message if its output folder cannot
+    be created (a SystemExit: Hydra turns a callback's exceptions into warnings and goes on)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_creatable(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_creatable(config.hydra.sweep.dir)
+
+
+def _check_creatable(folder: str) -> None:
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(
+            f"Error: cannot create the output folder {path}: {existing} is not a writable "
+            "folder. Set paths.output_root=<a writable folder>."
+        )
