@@ -1,4 +1,4 @@
-"""Image grids of reconstructions and prior samples, written as PNG and sent to the loggers."""
+"""Training callbacks: image grids (PNG and loggers) and a checkpoint when a run is preempted."""
 
 from pathlib import Path
 
@@ -62,9 +62,11 @@ class ImageGrids(L.Callback):
                     logger.experiment.add_image(f"images/{name}", grid, trainer.global_step)
 
 
-class CheckpointOnSigterm(L.Callback):
-    """On SIGTERM (a cluster's preemption notice, ``kill``), Lightning stops at the next step;
-    this saves the checkpoint ``path`` at that step first, so that the run resumes from there.
+class CheckpointOnPreemption(L.Callback):
+    """When a run is stopped from outside, saves the checkpoint ``path`` at the current step so
+    that the run resumes from there: on SIGTERM (a cluster's preemption notice, ``kill``), which
+    Lightning turns into a stop at the next step, and on the ``SystemExit`` that submitit raises
+    when SLURM warns of a time-out (it requeues the job, which then resumes from ``path``).
     The checkpoint also carries the W&B run id, so the resumed run logs to the same W&B run."""
 
     def __init__(self, path: str) -> None:
@@ -72,9 +74,13 @@ class CheckpointOnSigterm(L.Callback):
         self.path = path
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
-        if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)
-            rank_zero_info(f"SIGTERM: saved {self.path} at step {trainer.global_step}")
+        if isinstance(exception, SIGTERMException | SystemExit):
+            # Trainer.save_checkpoint without its closing barrier: under SLURM only rank 0 sees
+            # submitit's SystemExit, and a barrier would wait forever for the other ranks.
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+            trainer.strategy.save_checkpoint(checkpoint, self.path)
+            reason = "SIGTERM" if isinstance(exception, SIGTERMException) else "Preempted"
+            rank_zero_info(f"{reason}: saved {self.path} at step {trainer.global_step}")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         for logger in trainer.loggers:

@@ -1,6 +1,7 @@
 """The LightningModule: a VAE, its training loss, and the honest per-split metrics."""
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -116,13 +117,19 @@ class VAELitModule(L.LightningModule):
             "squared_error": sq_err,
         }
 
+    def on_fit_start(self) -> None:
+        """Give each DDP rank a noise stream of its own (posterior samples, dequantization,
+        flips): all ranks start from the same seed, so they would otherwise draw the same noise
+        for their images. The weights are the same on every rank already (DDP broadcast them)."""
+        if self.trainer.world_size > 1:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+            torch.manual_seed((seed + 1_000_003 * self.global_rank) % 2**63)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x = batch[0]
         terms = self.compute_terms(x)
         self.vae.update_running_sigma(terms["squared_error"], x[0].numel())
-        means = {f"train/{name}": terms[name].detach().mean() for name in METRICS}
-        means["train/sigma"] = self.vae.decoder_log_sigma().detach().exp()
-        self.log_dict(means, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log_dict(self._global_batch_means(terms), on_step=True, on_epoch=False)
         loss = terms["loss"].mean()
         if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             return loss
@@ -139,6 +146,21 @@ class VAELitModule(L.LightningModule):
             f"The loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
             f"{what_now} a lower model.optimizer.lr, or set model.nonfinite_loss=skip."
         )
+
+    def _global_batch_means(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``train/{name}`` means over the global batch (all ranks' images, one all-reduce of
+        the sums and the count), and ``train/sigma``."""
+        per_rank = [terms[name].detach().sum() for name in METRICS]
+        count = torch.tensor(float(terms["loss"].numel()), device=per_rank[0].device)
+        sums = torch.stack([*per_rank, count]).float()
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        means = {
+            f"train/{name}": total / sums[-1]
+            for name, total in zip(METRICS, sums[:-1], strict=True)
+        }
+        means["train/sigma"] = self.vae.decoder_log_sigma().detach().exp()
+        return means
 
     def _last_checkpoint(self) -> str | None:
         paths = [

@@ -1,10 +1,14 @@
-"""Hydra run bookkeeping: W&B groups per sweep, the resolved config, DDP inside a multirun."""
+"""Hydra run bookkeeping: W&B groups per sweep, the resolved config, DDP inside a multirun,
+resuming requeued jobs, plugins and GPUs of parallel sweeps."""
 
+import fcntl
+import importlib.util
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,15 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 log = logging.getLogger(__name__)
 
+PLUGINS = {
+    "hydra/launcher=submitit_": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
+    "hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+}
+"""Command-line overrides that need a Hydra plugin: its module and the extra that installs it."""
+
 _CONFIG_FLAGS = ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir")
 
 
@@ -30,6 +43,25 @@ def sweep_group() -> str | None:
     if not is_multirun():
         return None
     return "sweep_" + "_".join(Path(HydraConfig.get().sweep.dir).parts[-2:])
+
+
+def check_plugins(args: Sequence[str]) -> None:
+    """Exit with the pip command to run if an override names a Hydra plugin that is missing
+    (Hydra itself would only say that the config group has no such option)."""
+    for arg in args:
+        for prefix, (module, extra) in PLUGINS.items():
+            if arg.startswith(prefix) and importlib.util.find_spec(module) is None:
+                raise SystemExit(
+                    f"Error: {arg} needs the {module.split('.')[-1]} plugin, which is not "
+                    f'installed: pip install -e ".[{extra}]" (or "vae_lightning[{extra}]").'
+                )
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """``<output_dir>/checkpoints/last.ckpt`` if it exists: a requeued or re-run job resumes
+    from it."""
+    path = Path(output_dir) / "checkpoints" / "last.ckpt"
+    return str(path) if path.is_file() else None
 
 
 def register_resolvers() -> None:
@@ -126,15 +158,31 @@ class RecordFailedJobs(Callback):
         OmegaConf.save(OmegaConf.create([*failed, entry]), path)
 
 
-class CheckOutputFolder(Callback):
-    """Hydra callback: before any job starts, exit with one message if its output folder cannot
-    be created (a SystemExit: Hydra turns a callback's exceptions into warnings and goes on)."""
+class CheckBeforeLaunch(Callback):
+    """Hydra callback: before any job starts, exit with one message if the output folder cannot
+    be created or the SLURM launcher's task counts are not integers (a SystemExit: Hydra turns a
+    callback's exceptions into warnings and goes on); create the folder of an SQLite study."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check_creatable(config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check_creatable(config.hydra.sweep.dir)
+        launcher = config.hydra.launcher
+        if str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+            for key in ("nodes", "tasks_per_node", "gpus_per_node"):
+                value = launcher.get(key)
+                if value is not None and not isinstance(value, int):
+                    raise SystemExit(
+                        f"Error: hydra.launcher.{key}={value!r} must be an integer: with "
+                        "hydra/launcher=slurm set trainer.devices=<GPUs per node> and "
+                        "trainer.num_nodes=<nodes>."
+                    )
+        storage = str(OmegaConf.select(config, "hydra.sweeper.storage", default=None))
+        if storage.startswith("sqlite:///"):
+            database = Path(storage.removeprefix("sqlite:///"))
+            _check_creatable(str(database.parent))
+            database.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _check_creatable(folder: str) -> None:
@@ -145,3 +193,44 @@ def _check_creatable(folder: str) -> None:
             f"Error: cannot create the output folder {path}: {existing} is not a writable "
             "folder. Set paths.output_root=<a writable folder>."
         )
+
+
+@contextmanager
+def claim_slot(lock_dir: str | Path, slots: int, poll_s: float = 1.0) -> Iterator[int]:
+    """Hold the first free one of ``slots`` lock files in ``lock_dir`` (waiting while all are
+    held) and yield its number. The lock is the operating system's (``flock``), so a job that
+    dies frees its slot."""
+    folder = Path(lock_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        for slot in range(slots):
+            handle = open(folder / f"{slot}.lock", "w")  # noqa: SIM115 (held until released)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                yield slot
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+            return
+        time.sleep(poll_s)
+
+
+@contextmanager
+def gpu_of_its_own(cfg: DictConfig) -> Iterator[None]:
+    """Under ``hydra/launcher=joblib``, a one-GPU job gets a GPU that no other job of the sweep
+    is using (``trainer.devices=[i]``); with more jobs than GPUs, the others wait for one."""
+    launcher = OmegaConf.select(HydraConfig.get(), "launcher._target_", default="") or ""
+    gpus = torch.cuda.device_count()
+    wanted = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and cfg.trainer.devices == 1
+    if not (launcher.endswith("JoblibLauncher") and gpus and wanted):
+        yield
+        return
+    with claim_slot(Path(HydraConfig.get().sweep.dir) / ".gpu_locks", gpus) as gpu:
+        log.info(f"Job {HydraConfig.get().job.num} runs on GPU {gpu}")
+        with read_write(cfg.trainer):
+            cfg.trainer.accelerator, cfg.trainer.devices = "gpu", [gpu]
+        yield

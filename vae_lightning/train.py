@@ -1,6 +1,7 @@
 """Train a VAE on CIFAR-10: ``python -m vae_lightning.train [hydra overrides] [-m]``."""
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -15,9 +16,12 @@ from vae_lightning.loggers import finish_wandb_run
 from vae_lightning.module import NonFiniteLossError
 from vae_lightning.run import (
     JobFailed,
+    check_plugins,
     flatten,
+    gpu_of_its_own,
     is_multirun,
     isolated_ddp_job,
+    last_checkpoint,
     register_resolvers,
     save_final_metrics,
     save_resolved_config,
@@ -67,8 +71,10 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
         with isolated_ddp_job():
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
             metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+            checkpoint = trainer.checkpoint_callback
+            if checkpoint and checkpoint.best_model_score is not None:
+                metrics[f"{checkpoint.monitor}_best"] = float(checkpoint.best_model_score)
             if cfg.test:
-                checkpoint = trainer.checkpoint_callback
                 best = checkpoint.best_model_path if checkpoint else ""
                 trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
                 metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -81,10 +87,14 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    if cfg.ckpt_path is None and (last := last_checkpoint(cfg.paths.output_dir)):
+        log.info(f"Resuming from {last}: this run's folder already has it (a requeued job)")
+        cfg.ckpt_path = last
     try:
         validate_config(cfg)
         wandb_run_id = check_resume_checkpoint(cfg)
-        metrics = train(cfg, wandb_run_id)
+        with gpu_of_its_own(cfg):
+            metrics = train(cfg, wandb_run_id)
     except KNOWN_ERRORS as err:
         message = f"{'Invalid configuration' if isinstance(err, ConfigError) else 'Error'}: {err}"
         if is_multirun():  # fail this job only: the sweep goes on (see RecordFailedJobs)
@@ -95,4 +105,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_plugins(sys.argv[1:])
     main()
