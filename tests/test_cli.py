@@ -39,7 +39,7 @@ def single_run(cwd: Path) -> Path:
 def sweep_jobs(cwd: Path) -> list[Path]:
     sweeps = list((cwd / "outputs" / "multiruns").glob("*/*"))
     assert len(sweeps) == 1, sweeps
-    return sorted(p for p in sweeps[0].iterdir() if p.is_dir())
+    return sorted(p for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def metrics_csv(run: Path) -> list[dict[str, str]]:

@@ -1,0 +1,114 @@
+"""Scale-out through Hydra plugins: submitit (SLURM's local stand-in), joblib and Optuna."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from tests.conftest import cli_env, run_train
+from tests.test_cli import SHORT, assert_run_folder, metrics_csv, resolved, sweep_jobs
+
+pytestmark = pytest.mark.cli
+
+
+def test_submitit_local_runs_each_job_and_a_requeued_job_resumes_from_its_checkpoint(
+    cifar_dir, tmp_path
+):
+    """Two jobs under submitit; both get submitit's time-out signal mid-run (what SLURM sends
+    before a time limit): each saves last.ckpt, is requeued, resumes from it and finishes."""
+    args = [
+        "-m",
+        "hydra/launcher=submitit_local",
+        "model.latent_dim=4,8",
+        f"data.data_dir={cifar_dir}",
+        "logger=csv",
+        *SHORT[1:],
+        "trainer.max_epochs=1000",
+        "trainer.max_steps=150",
+        "callbacks.last_checkpoint.every_n_train_steps=3",
+    ]
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "vae_lightning.train", *args],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("outputs/multiruns/*/*/*/checkpoints/last.ckpt"))) < 2:
+        assert time.monotonic() < deadline and sweep.poll() is None
+        time.sleep(0.2)
+    # the job processes submitit started (not the sweep, nor submitit's local controller)
+    subprocess.run(["pkill", "-USR2", "-f", "submitit.core._submit"], check=True)
+    output, _ = sweep.communicate(timeout=240)
+    assert sweep.returncode == 0, output
+
+    jobs = sweep_jobs(tmp_path)
+    assert [j.name for j in jobs] == ["0", "1"]
+    for job, latent_dim in zip(jobs, (4, 8), strict=True):
+        assert_run_folder(job)
+        assert resolved(job)["model"]["latent_dim"] == latent_dim
+        assert "Resuming from" in (job / "train.log").read_text()
+        final = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+        assert final["global_step"] == 150  # the requeued job went on to the end
+        assert (job / "metrics.json").is_file()
+    submitit_logs = "".join(p.read_text() for p in jobs[0].parent.glob(".submitit/*/*_log.*"))
+    assert len(set(re.findall(r"Requeued job (\S+)", submitit_logs))) == 2
+    saved = dict(re.findall(r"Preempted: saved (\S+) at step (\d+)", submitit_logs))
+    assert sorted(saved) == [str(job / "checkpoints" / "last.ckpt") for job in jobs]
+    assert all(0 < int(step) < 150 for step in saved.values())
+
+
+def test_joblib_runs_jobs_in_parallel_processes(cifar_dir, tmp_path):
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model.latent_dim=4,8"]
+    proc = run_train([*args, f"data.data_dir={cifar_dir}", "logger=csv", *SHORT], tmp_path)
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    jobs = sweep_jobs(tmp_path)
+    for job, latent_dim in zip(jobs, (4, 8), strict=True):
+        assert_run_folder(job)
+        assert resolved(job)["model"]["latent_dim"] == latent_dim
+
+
+def test_optuna_search_minimizes_val_bpd_and_continues_from_its_sqlite_study(cifar_dir, tmp_path):
+    args = [
+        "-m",
+        "hparams_search=optuna",
+        "model/arch=mlp",  # fixed: the search runs over latent size, sigma and learning rate
+        f"data.data_dir={cifar_dir}",
+        "logger=csv",
+        *SHORT,
+        "trainer.max_epochs=2",
+    ]
+    run_train([*args, "hydra.sweeper.n_trials=2"], tmp_path)
+    run_train([*args, "hydra.sweeper.n_trials=1"], tmp_path)  # the same command, later
+
+    study = optuna.load_study(
+        study_name="vae_bpd", storage=f"sqlite:///{tmp_path}/outputs/optuna/vae_bpd.db"
+    )
+    trials = study.trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    sweeps = sorted((tmp_path / "outputs" / "multiruns").glob("*/*"))
+    jobs = [job for sweep in sweeps for job in sorted(sweep.iterdir()) if job.is_dir()]
+    assert len(sweeps) == 2 and len(jobs) == 3
+    for trial, job in zip(trials, jobs, strict=True):
+        assert {"model.latent_dim", "model.sigma", "model.optimizer.lr"} == set(trial.params)
+        assert trial.params["model.latent_dim"] in (16, 32, 64, 128)
+        assert 0.03 <= trial.params["model.sigma"] <= 0.3
+        assert 1e-4 <= trial.params["model.optimizer.lr"] <= 3e-3
+        model = resolved(job)["model"]
+        assert model["latent_dim"] == trial.params["model.latent_dim"]
+        assert model["optimizer"]["lr"] == pytest.approx(trial.params["model.optimizer.lr"])
+        metrics = json.loads((job / "metrics.json").read_text())
+        val_bpd = [float(r["val/bpd"]) for r in metrics_csv(job) if r.get("val/bpd")]
+        assert len(val_bpd) == 2 and metrics["val/bpd_best"] == pytest.approx(min(val_bpd))
+        assert trial.value == pytest.approx(min(val_bpd))  # the best val/bpd of the run
+    results = yaml.safe_load((sweeps[1] / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(min(t.value for t in trials))
