@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
 from vae_lightning.config import ConfigError, validate_config
-from vae_lightning.train import CONFIG_DIR
+from vae_lightning.train import CONFIG_DIR, train
 
 
 def composed(*overrides: str, hydra: bool = False):
@@ -62,3 +62,36 @@ def test_experiment_presets_define_a_sweep(preset):
     cfg = composed(f"experiment={preset}", hydra=True)
     assert cfg.hydra.sweeper.params, preset
     validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "reason"),
+    # a value of the wrong type or out of range in each config group
+    [
+        ("+data.shuffle_buffer=5", "data", "unexpected keyword argument 'shuffle_buffer'"),
+        ("model.arch.encoder.channels=abc", "model", "channels='abc': it must be a list of"),
+        ("model.arch.decoder.channels=[8,8,8,8,8,8]", "model", "at most 5 entries"),
+        ("+model.arch.decoder.width=3", "model", "unexpected keyword argument 'width'"),
+        ("model/arch=mlp model.arch.encoder.hidden_dims=[0]", "model", "hidden_dims=[0]"),
+        ("model/arch=resnet model.arch.decoder.blocks_per_stage=0", "model", "blocks_per_stage=0"),
+        ("trainer.precision=fp7", "trainer", "Precision 'fp7' is invalid"),
+        ("trainer.accelerator=tpu9", "trainer", "tpu9"),
+        ("trainer.devices=0", "trainer", "devices"),
+        ("trainer.strategy=fastest", "trainer", "fastest"),
+        ("callbacks.last_checkpoint.every_n_train_steps=-3", "callbacks.last_checkpoint", "-3"),
+        ("callbacks.model_checkpoint.mode=up", "callbacks.model_checkpoint", "up"),
+        ("callbacks.image_grids.every_n_epochs=0", "callbacks.image_grids", "every_n_epochs=0"),
+        ("callbacks.image_grids.num_images=many", "callbacks.image_grids", "num_images='many'"),
+        ("+logger.csv.flush_every=x", "logger.csv", "flush_every"),
+    ],
+)
+def test_settings_a_constructor_refuses_name_the_group_and_the_reason(
+    override, key, reason, tmp_path
+):
+    overrides = ["logger=csv", f"paths.output_dir={tmp_path}", *override.split()]
+    with pytest.raises(ConfigError) as err:
+        train(composed(*overrides))
+    message = str(err.value)
+    assert message.startswith(f"{key} was refused by ") and reason in message, message
+    assert f"Fix the {key}.* settings" in message
+    assert not list(tmp_path.iterdir())  # nothing written

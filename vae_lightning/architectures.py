@@ -14,6 +14,29 @@ IMAGE_SHAPE = (3, 32, 32)
 IMAGE_DIMS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
 
 
+MAX_STAGES = 5
+"""Each conv/resnet stage halves the 32-pixel side: at most 5 of them (32 -> 1)."""
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_count(name: str, value: int) -> None:
+    if not _is_count(value):
+        raise ValueError(f"{name}={value!r}: it must be an integer >= 1")
+
+
+def _check_widths(name: str, widths: Sequence[int], max_len: int | None = None) -> None:
+    """Refuse layer widths that are not a non-empty list of integers >= 1 (of at most
+    ``max_len`` entries), naming the setting."""
+    ok = isinstance(widths, Sequence) and not isinstance(widths, str) and len(widths) >= 1
+    ok = ok and all(_is_count(w) for w in widths)
+    if not ok or (max_len is not None and len(widths) > max_len):
+        most = f" and at most {max_len} entries" if max_len else ""
+        raise ValueError(f"{name}={widths!r}: it must be a list of integers >= 1{most}")
+
+
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:
     """Linear layers with SiLU between them (none after the last)."""
     layers: list[nn.Module] = []
@@ -28,6 +51,7 @@ class MLPEncoder(nn.Sequential):
     """Flattens x into R^3072 and maps it through fully connected layers."""
 
     def __init__(self, latent_dim: int, hidden_dims: Sequence[int] = (1024, 512)) -> None:
+        _check_widths("hidden_dims", hidden_dims)
         super().__init__(nn.Flatten(), _mlp([IMAGE_DIMS, *hidden_dims, 2 * latent_dim]))
 
 
@@ -35,6 +59,7 @@ class MLPDecoder(nn.Sequential):
     """Maps z through fully connected layers to R^3072 and reshapes it into an image."""
 
     def __init__(self, latent_dim: int, hidden_dims: Sequence[int] = (512, 1024)) -> None:
+        _check_widths("hidden_dims", hidden_dims)
         super().__init__(
             _mlp([latent_dim, *hidden_dims, IMAGE_DIMS]), nn.Sigmoid(), nn.Unflatten(1, IMAGE_SHAPE)
         )
@@ -44,6 +69,7 @@ class ConvEncoder(nn.Sequential):
     """Strided 4x4 convolutions halve the resolution per channel entry: 32 -> 32 / 2^len."""
 
     def __init__(self, latent_dim: int, channels: Sequence[int] = (64, 128, 256)) -> None:
+        _check_widths("channels", channels, MAX_STAGES)
         layers: list[nn.Module] = []
         c_in = IMAGE_SHAPE[0]
         for c_out in channels:
@@ -58,6 +84,7 @@ class ConvDecoder(nn.Sequential):
     """Mirror of ``ConvEncoder``: a linear map to a small feature map, then transposed convs."""
 
     def __init__(self, latent_dim: int, channels: Sequence[int] = (256, 128, 64)) -> None:
+        _check_widths("channels", channels, MAX_STAGES)
         side = IMAGE_SHAPE[1] >> len(channels)
         layers: list[nn.Module] = [
             nn.Linear(latent_dim, channels[0] * side * side),
@@ -94,6 +121,8 @@ class ResNetEncoder(nn.Sequential):
     def __init__(
         self, latent_dim: int, channels: Sequence[int] = (32, 64, 128), blocks_per_stage: int = 1
     ) -> None:
+        _check_widths("channels", channels, MAX_STAGES)
+        _check_count("blocks_per_stage", blocks_per_stage)
         layers: list[nn.Module] = [nn.Conv2d(IMAGE_SHAPE[0], channels[0], 3, padding=1)]
         for c_in, c_out in zip(channels, [*channels[1:], channels[-1]], strict=True):
             layers += [ResidualBlock(c_in) for _ in range(blocks_per_stage)]
@@ -109,6 +138,8 @@ class ResNetDecoder(nn.Sequential):
     def __init__(
         self, latent_dim: int, channels: Sequence[int] = (128, 64, 32), blocks_per_stage: int = 1
     ) -> None:
+        _check_widths("channels", channels, MAX_STAGES)
+        _check_count("blocks_per_stage", blocks_per_stage)
         side = IMAGE_SHAPE[1] >> len(channels)
         layers: list[nn.Module] = [
             nn.Linear(latent_dim, channels[0] * side * side),

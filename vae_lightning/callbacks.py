@@ -23,6 +23,9 @@ class ImageGrids(L.Callback):
         self, output_dir: str, every_n_epochs: int = 5, num_images: int = 32, seed: int = 0
     ) -> None:
         super().__init__()
+        for name, value in (("every_n_epochs", every_n_epochs), ("num_images", num_images)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: it must be an integer >= 1")
         self.output_dir = Path(output_dir)
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images

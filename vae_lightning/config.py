@@ -1,10 +1,14 @@
 """Checks of the composed config, so that bad settings fail before any data or model is built."""
 
 import pickle
+import re
 from numbers import Real
 from pathlib import Path
+from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -14,6 +18,25 @@ from vae_lightning.model import SIGMA_MODES
 
 class ConfigError(ValueError):
     """A setting has a value that is not allowed; the message names the key and what is."""
+
+
+def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` of the node at ``key``; a constructor that refuses its
+    settings raises ``ConfigError`` naming the node and the constructor's reason."""
+    node = OmegaConf.select(cfg, key)
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
+        reason: BaseException = err
+        while isinstance(reason, InstantiationException) and reason.__cause__:
+            if nested := re.search(r"target '([^']+)'", str(reason)):
+                target = nested.group(1)  # a nested object (an encoder, say) refused
+            reason = reason.__cause__
+        raise ConfigError(
+            f"{key} was refused by {target}: {type(reason).__name__}: {str(reason).rstrip('.')}. "
+            f"Fix the {key}.* settings (python -m vae_lightning.train --cfg job shows them)."
+        ) from None
 
 
 def _get(cfg: DictConfig, key: str):

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lightning.config import ConfigError, check_resume_checkpoint, validate_config
+from vae_lightning.config import ConfigError, build, check_resume_checkpoint, validate_config
 from vae_lightning.data import DatasetCorruptError, DatasetNotFoundError
 from vae_lightning.loggers import finish_wandb_run
 from vae_lightning.module import NonFiniteLossError
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 KNOWN_ERRORS = (
     ConfigError,
+    MisconfigurationException,
     DatasetNotFoundError,
     DatasetCorruptError,
     PermissionError,
@@ -51,14 +52,16 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
     ``wandb_run_id``: the W&B run to continue (when resuming from a checkpoint that names one).
     """
     L.seed_everything(cfg.seed, workers=True)
-    datamodule: L.LightningDataModule = instantiate(cfg.data)
-    model: L.LightningModule = instantiate(cfg.model, _recursive_=False)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    datamodule: L.LightningDataModule = build(cfg, "data")
+    model: L.LightningModule = build(cfg, "model", _recursive_=False)
+    callbacks = [build(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
     loggers = [
-        instantiate(c, id=wandb_run_id) if name == "wandb" and wandb_run_id else instantiate(c)
-        for name, c in (cfg.get("logger") or {}).items()
+        build(cfg, f"logger.{name}", id=wandb_run_id)
+        if name == "wandb" and wandb_run_id
+        else build(cfg, f"logger.{name}")
+        for name in cfg.get("logger") or {}
     ]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = build(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
 
     if rank_zero_only.rank == 0:
         save_resolved_config(cfg, cfg.paths.output_dir)
@@ -96,7 +99,8 @@ def main(cfg: DictConfig) -> float | None:
         with gpu_of_its_own(cfg):
             metrics = train(cfg, wandb_run_id)
     except KNOWN_ERRORS as err:
-        message = f"{'Invalid configuration' if isinstance(err, ConfigError) else 'Error'}: {err}"
+        invalid = isinstance(err, ConfigError | MisconfigurationException)
+        message = f"{'Invalid configuration' if invalid else 'Error'}: {err}"
         if is_multirun():  # fail this job only: the sweep goes on (see RecordFailedJobs)
             raise JobFailed(message) from None
         raise SystemExit(message) from None
