@@ -156,6 +156,37 @@ def test_ddp_on_two_cpu_processes(cifar_dir, tmp_path):
     assert checkpoint["global_step"] == 3
 
 
+def test_one_and_two_processes_give_the_same_loss_curve_for_the_same_global_batch(
+    cifar_dir, tmp_path
+):
+    """16 images per step on one process, or 8 on each of two: the same images per step (the
+    device path splits each global batch across ranks) and train metrics reduced over both
+    ranks. Only the posterior noise differs, so the curves agree to sampling noise."""
+    common = [
+        f"data.data_dir={cifar_dir}",
+        "trainer.max_epochs=3",
+        "trainer.log_every_n_steps=1",
+        "data.num_workers=0",
+        "data.dequantize=false",
+        "callbacks.image_grids.every_n_epochs=1",
+        "logger=[csv,wandb]",
+    ]
+    run_train([*common, "data.batch_size=16"], tmp_path / "one")
+    run_train([*common, "data.batch_size=8", *DDP], tmp_path / "two")
+    curves = {}
+    for name in ("one", "two"):
+        rows = metrics_csv(single_run(tmp_path / name))
+        curves[name] = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(curves["one"]) == len(curves["two"]) == 15  # 72 images / 16 per step, 3 epochs
+    assert curves["two"] == pytest.approx(curves["one"], rel=0.005)
+
+    run = single_run(tmp_path / "two")  # rank 0 alone wrote the checkpoints, images and W&B run
+    assert_run_folder(run)
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    assert len(list((run / "images").glob("samples_epoch=*.png"))) == 3
+    assert len(list((tmp_path / "two" / "outputs" / "runs").glob("*/*"))) == 1
+
+
 def test_ddp_inside_a_multirun_gives_one_folder_and_one_wandb_run_per_job(cifar_dir, tmp_path):
     proc = run_train(
         ["-m", "model.latent_dim=8,16", *DDP, f"data.data_dir={cifar_dir}", *SHORT], cwd=tmp_path
@@ -414,3 +445,20 @@ def test_an_output_folder_that_cannot_be_created_is_named_before_anything_runs(
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"{blocker} is not a writable folder. Set paths.output_root=" in proc.stderr
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optimizer=adam", "Could not override 'optimizer'"),  # no such group or key
+        ("hparams_search=grid", "Could not find 'hparams_search/grid'"),  # no such option ...
+        ("trainer=tpu", "Available options in 'trainer'"),  # ... and the ones there are
+    ],
+)
+def test_unknown_groups_and_options_are_named_before_anything_runs(
+    cifar_dir, tmp_path, override, expected
+):
+    proc = run_train([f"data.data_dir={cifar_dir}", override], tmp_path, expect_ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert expected in proc.stderr
+    assert not (tmp_path / "outputs").exists()

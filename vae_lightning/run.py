@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, OmegaConf, ValidationError, read_write
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +171,14 @@ class CheckBeforeLaunch(Callback):
         launcher = config.hydra.launcher
         if str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
             for key in ("nodes", "tasks_per_node", "gpus_per_node"):
-                value = launcher.get(key)
-                if value is not None and not isinstance(value, int):
+                try:
+                    value = launcher.get(key)
+                    problem = None if value is None or isinstance(value, int) else repr(value)
+                except ValidationError as err:  # the schema's int check of ${trainer.devices}
+                    problem = str(err).splitlines()[0]
+                if problem:
                     raise SystemExit(
-                        f"Error: hydra.launcher.{key}={value!r} must be an integer: with "
+                        f"Error: hydra.launcher.{key} must be an integer ({problem}): with "
                         "hydra/launcher=slurm set trainer.devices=<GPUs per node> and "
                         "trainer.num_nodes=<nodes>."
                     )
