@@ -92,3 +92,74 @@ def test_eval_disabled_starts_no_run(train_dir, tmp_path, monkeypatch):
     calls = recorded_init(monkeypatch)
     assert loggers.start_eval_run(train_dir, tmp_path, "disabled", {}) is None
     assert calls == []
+
+
+@pytest.mark.parametrize("offline_fails_too", [False, True])
+def test_wandb_failing_mid_run_goes_offline_and_training_goes_on(
+    no_account, cifar_dir, tmp_path, caplog, monkeypatch, offline_fails_too
+):
+    import lightning as L
+    import wandb
+
+    from tests.test_model import ADAM, MLP
+    from vae_lightning.data import CIFAR10DataModule
+    from vae_lightning.module import VAELitModule
+
+    logger = loggers.wandb_logger(project="vae_lightning", save_dir=str(tmp_path), mode="offline")
+    first_run = logger.experiment
+    if offline_fails_too:
+        monkeypatch.setattr(wandb, "init", lambda **kwargs: 1 / 0)
+
+    class NetworkDropsAtStep3(L.Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            if trainer.global_step == 3 and logger.experiment is first_run:
+
+                def no_network(*args, **kwargs):
+                    raise wandb.errors.CommError("network is unreachable")
+
+                first_run.log = no_network
+
+    seen_by_the_offline_run: list[int] = []
+
+    class RecordOfflineSteps(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            run = logger.experiment
+            if run is not first_run and run.summary.get("trainer/global_step") is not None:
+                seen_by_the_offline_run.append(run.summary["trainer/global_step"])
+
+        on_train_end = on_train_batch_end
+
+    trainer = L.Trainer(
+        max_steps=8,
+        accelerator="cpu",
+        logger=logger,
+        log_every_n_steps=1,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[NetworkDropsAtStep3(), RecordOfflineSteps()],
+    )
+    datamodule = CIFAR10DataModule(str(cifar_dir), batch_size=8, num_workers=0, download=False)
+    with caplog.at_level("WARNING", logger="vae_lightning.loggers"):
+        trainer.fit(VAELitModule(MLP, ADAM, latent_dim=4), datamodule=datamodule)
+    assert trainer.global_step == 8  # training went on
+    warnings = [r.getMessage() for r in caplog.records if r.name == "vae_lightning.loggers"]
+    assert "CommError('network is unreachable')" in warnings[0]
+    fallback = tmp_path / "wandb_fallback" / "wandb"
+    assert (
+        f"continues offline. Upload it later with: wandb sync {fallback}/offline-run-*"
+        in (warnings[0])
+    )
+    if offline_fails_too:
+        assert len(warnings) == 2 and "no more W&B logging in this run" in warnings[1]
+        return
+    assert len(warnings) == 1
+    second_run = logger.experiment
+    assert second_run is not first_run and second_run.id == first_run.id
+    assert second_run.settings.mode == "offline"
+    assert seen_by_the_offline_run == [3, 4, 5, 6, 7]  # the failed step's and all later ones
+    wandb.finish()
+    for folder in (tmp_path / "wandb", fallback):  # both parts of the run, neither overwritten
+        (run_dir,) = folder.glob(f"offline-run-*-{first_run.id}")
+        assert list(run_dir.glob(f"run-{first_run.id}.wandb"))

@@ -1,11 +1,12 @@
-"""W&B logger that never prompts: it goes offline by itself when it cannot log online."""
+"""W&B logger that never prompts: it goes offline by itself when it cannot log online, at the
+start or in the middle of a run."""
 
 import logging
 import netrc
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -73,6 +74,66 @@ def choose_wandb_mode(mode: str, save_dir: str | Path) -> str:
     return mode
 
 
+class FallbackWandbLogger(WandbLogger):
+    """A ``WandbLogger`` that keeps training going when logging to W&B fails mid-run (its
+    service died, the connection broke in a way wandb raises on): it says so once and goes on
+    with the same run id offline, under ``save_dir/wandb_fallback`` (``wandb sync`` uploads it
+    later).
+    If even that fails, W&B logging stops for this run; training never does."""
+
+    _fallen_back = False
+    _disabled = False
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._guarded(super().log_metrics, metrics, step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        self._guarded(super().log_hyperparams, params)
+
+    def _guarded(self, log_call: Callable[..., None], *args: Any) -> None:
+        if self._disabled:
+            return
+        try:
+            log_call(*args)
+            return
+        except Exception as err:
+            failure = err
+        if not self._fallen_back:
+            self._fallen_back = True
+            try:
+                self._restart_offline(failure)
+                log_call(*args)
+                return
+            except Exception as err:
+                failure = err
+        self._disabled = True
+        log.warning(f"W&B: logging failed again ({failure!r}); no more W&B logging in this run.")
+
+    def _restart_offline(self, failure: Exception) -> None:
+        run_id = self.version
+        # a folder of its own: in the same second, wandb would reuse the failed run's folder
+        fallback_dir = Path(self.save_dir or ".") / "wandb_fallback"
+        fallback_dir.mkdir(parents=True, exist_ok=True)
+        log.warning(
+            f"W&B: logging failed ({failure!r}); training goes on and run {run_id} continues "
+            f"offline. Upload it later with: wandb sync {fallback_dir}/wandb/offline-run-*"
+        )
+        failed_run = self._experiment
+        try:
+            failed_run.finish(exit_code=1)
+        except Exception as err:
+            log.warning(f"W&B: the failed run could not be closed ({err!r})")
+        self._wandb_init.update(id=run_id, resume="allow", mode="offline", dir=str(fallback_dir))
+        self._experiment = None
+        try:
+            self.experiment  # noqa: B018 (starts the offline run)
+        except Exception:
+            self._experiment = failed_run  # so that nothing tries to start a run again
+            raise
+
+
 def wandb_logger(
     project: str,
     save_dir: str,
@@ -85,7 +146,7 @@ def wandb_logger(
     """A ``WandbLogger`` whose run lives under ``save_dir/wandb``; see ``resolve_wandb_mode``."""
     mode = choose_wandb_mode(mode, save_dir)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
+    return FallbackWandbLogger(
         project=project,
         save_dir=save_dir,
         name=name or "defaults",
