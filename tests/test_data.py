@@ -1,7 +1,9 @@
 """The data module reads CIFAR-10 files it did not download, splits them, and scales batches."""
 
+import os
 import pickle
 import urllib.error
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -93,6 +95,55 @@ def test_missing_data_and_no_network_names_the_folder(tmp_path, monkeypatch):
         ensure_cifar10(tmp_path, download=True)
     message = str(err.value)
     assert str(tmp_path / BASE_FOLDER) in message and "download failed" in message
+
+
+def denied(*paths: Path):
+    """``os.access`` as for a user without permission on ``paths`` (the tests run as root)."""
+    real_access = os.access
+
+    def access(path, mode, **kwargs):
+        return Path(path) not in paths and real_access(path, mode, **kwargs)
+
+    return access
+
+
+def test_a_data_folder_without_permission_is_named(tmp_path, monkeypatch):
+    write_cifar10(tmp_path, images_per_file=2)
+    folder = tmp_path / BASE_FOLDER
+    monkeypatch.setattr("vae_lightning.data.os.access", denied(folder))
+    with pytest.raises(PermissionError) as err:
+        ensure_cifar10(tmp_path, download=True)
+    assert f"{folder} cannot be read (no permission)" in str(err.value)
+    assert "data.data_dir" in str(err.value)
+
+
+def test_a_batch_file_without_permission_is_named(tmp_path, monkeypatch):
+    write_cifar10(tmp_path, images_per_file=2)
+    batch = tmp_path / BASE_FOLDER / "data_batch_2"
+    real_open = open
+
+    def no_read(path, *args, **kwargs):
+        if Path(path) == batch:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_read)
+    with pytest.raises(PermissionError) as err:
+        read_cifar10(tmp_path, train=True)
+    assert f"{batch} cannot be read: Permission denied; fix its permissions" in str(err.value)
+
+
+def test_no_download_into_a_folder_without_write_permission(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    monkeypatch.setattr("vae_lightning.data.os.access", denied(tmp_path))
+    with pytest.raises(PermissionError) as err:
+        ensure_cifar10(tmp_path / "data", download=True)
+    assert f"{tmp_path} is not writable (no permission)" in str(err.value)
+    assert "set data.data_dir to a writable folder" in str(err.value)
+    assert not (tmp_path / "data").exists()
 
 
 def test_present_files_are_used_without_download(tmp_path, monkeypatch):

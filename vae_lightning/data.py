@@ -66,6 +66,11 @@ def read_cifar10(root: str | Path, train: bool) -> tuple[Tensor, Tensor]:
 def ensure_cifar10(root: str | Path, download: bool = True) -> None:
     """Make sure the batch files are under ``root``, downloading them if allowed."""
     folder = Path(root) / BASE_FOLDER
+    if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+        raise PermissionError(
+            f"{folder.resolve()} cannot be read (no permission): fix its permissions "
+            "(chmod u+rx), or point data.data_dir at a readable copy"
+        )
     if all((folder / name).is_file() for name in TRAIN_FILES + TEST_FILES):
         return
     hint = (
@@ -75,6 +80,12 @@ def ensure_cifar10(root: str | Path, download: bool = True) -> None:
     )
     if not download:
         raise DatasetNotFoundError(f"{hint}, or set data.download=true.")
+    writable = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{hint}. It cannot be downloaded there: {writable.resolve()} is not writable "
+            "(no permission); set data.data_dir to a writable folder"
+        )
     from torchvision.datasets import CIFAR10
 
     try:
