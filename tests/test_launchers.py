@@ -60,6 +60,8 @@ def test_submitit_local_runs_each_job_and_a_requeued_job_resumes_from_its_checkp
         final = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
         assert final["global_step"] == 150  # the requeued job went on to the end
         assert (job / "metrics.json").is_file()
+        steps = [int(r["step"]) for r in metrics_csv(job) if r.get("train/loss")]
+        assert steps[0] == 0 and steps[-1] == 149  # the history before the requeue is kept
     submitit_logs = "".join(p.read_text() for p in jobs[0].parent.glob(".submitit/*/*_log.*"))
     assert len(set(re.findall(r"Requeued job (\S+)", submitit_logs))) == 2
     saved = dict(re.findall(r"Preempted: saved (\S+) at step (\d+)", submitit_logs))

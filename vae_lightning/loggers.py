@@ -1,6 +1,8 @@
-"""W&B logger that never prompts: it goes offline by itself when it cannot log online, at the
-start or in the middle of a run."""
+"""Loggers for runs that may stop and resume: a W&B logger that never prompts and goes offline
+by itself when it cannot log online (at the start or in the middle of a run), and a CSV logger
+that appends when a run resumes in its own folder."""
 
+import csv
 import logging
 import netrc
 import os
@@ -11,7 +13,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
@@ -132,6 +136,28 @@ class FallbackWandbLogger(WandbLogger):
         except Exception:
             self._experiment = failed_run  # so that nothing tries to start a run again
             raise
+
+
+class AppendingCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` (a requeued job resuming
+    in its own folder) is appended to instead of deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+
+class AppendingCSVLogger(CSVLogger):
+    """``CSVLogger`` writing through ``AppendingCSVWriter``."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> AppendingCSVWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingCSVWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def wandb_logger(
