@@ -4,6 +4,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +68,29 @@ def run_module(
     if expect_ok and proc.returncode != 0:
         pytest.fail(f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     return proc
+
+
+def start_train(args: list[str], cwd: Path) -> subprocess.Popen:
+    """Start ``python -m vae_lightning.train ARGS`` in ``cwd`` without waiting; its stdout and
+    stderr come together as text on ``stdout``."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vae_lightning.train", *args],
+        cwd=cwd,
+        env=cli_env(cwd),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_files(
+    proc: subprocess.Popen, folder: Path, pattern: str, count: int = 1, timeout: float = 120
+) -> list[Path]:
+    """Wait until ``count`` files match ``pattern`` under ``folder`` while ``proc`` runs."""
+    deadline = time.monotonic() + timeout
+    while len(found := list(folder.glob(pattern))) < count:
+        assert time.monotonic() < deadline and proc.poll() is None, "the run ended or stalled"
+        time.sleep(0.2)
+    return found

@@ -3,8 +3,6 @@
 import csv
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REAL_DATA, cli_env, run_train
+from tests.conftest import REAL_DATA, run_train, start_train, wait_for_files
 from vae_lightning.report import write_report
 
 pytestmark = pytest.mark.cli
@@ -362,20 +360,9 @@ def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(cifar_dir, tmp
     args = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT[1:], "trainer.max_epochs=1000"]
     every = ["callbacks.last_checkpoint.every_n_train_steps=3"]
     first = tmp_path / "first"
-    first.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vae_lightning.train", *args, *every],
-        cwd=first,
-        env=cli_env(first),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_train([*args, *every], first)
     try:
-        deadline = time.monotonic() + 120
-        while not list(first.glob("outputs/runs/*/*/checkpoints/last.ckpt")):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.2)
+        wait_for_files(proc, first, "outputs/runs/*/*/checkpoints/last.ckpt")
         time.sleep(2)  # let it train on and write more checkpoints, then kill it mid-run
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -399,20 +386,8 @@ def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(cifar_dir, tmp
 def test_sigterm_saves_and_the_resumed_run_continues_with_the_same_wandb_run(cifar_dir, tmp_path):
     args = [f"data.data_dir={cifar_dir}", *SHORT[1:]]
     first = tmp_path / "first"
-    first.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vae_lightning.train", *args, "trainer.max_epochs=1000"],
-        cwd=first,
-        env=cli_env(first),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not list(first.glob("outputs/runs/*/*/checkpoints/last.ckpt")):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.2)
+    proc = start_train([*args, "trainer.max_epochs=1000"], first)
+    wait_for_files(proc, first, "outputs/runs/*/*/checkpoints/last.ckpt")
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)

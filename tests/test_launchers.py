@@ -3,15 +3,13 @@
 import json
 import re
 import subprocess
-import sys
-import time
 
 import optuna
 import pytest
 import torch
 import yaml
 
-from tests.conftest import cli_env, run_train
+from tests.conftest import run_train, start_train, wait_for_files
 from tests.test_cli import SHORT, assert_run_folder, metrics_csv, resolved, sweep_jobs
 
 pytestmark = pytest.mark.cli
@@ -33,19 +31,8 @@ def test_submitit_local_runs_each_job_and_a_requeued_job_resumes_from_its_checkp
         "trainer.max_steps=150",
         "callbacks.last_checkpoint.every_n_train_steps=3",
     ]
-    sweep = subprocess.Popen(
-        [sys.executable, "-m", "vae_lightning.train", *args],
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.glob("outputs/multiruns/*/*/*/checkpoints/last.ckpt"))) < 2:
-        assert time.monotonic() < deadline and sweep.poll() is None
-        time.sleep(0.2)
+    sweep = start_train(args, tmp_path)
+    wait_for_files(sweep, tmp_path, "outputs/multiruns/*/*/*/checkpoints/last.ckpt", count=2)
     # the job processes submitit started (not the sweep, nor submitit's local controller)
     subprocess.run(["pkill", "-USR2", "-f", "submitit.core._submit"], check=True)
     output, _ = sweep.communicate(timeout=240)
