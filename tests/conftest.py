@@ -70,14 +70,16 @@ def run_module(
     return proc
 
 
-def start_train(args: list[str], cwd: Path) -> subprocess.Popen:
+def start_train(
+    args: list[str], cwd: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Start ``python -m vae_lightning.train ARGS`` in ``cwd`` without waiting; its stdout and
     stderr come together as text on ``stdout``."""
     cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [sys.executable, "-m", "vae_lightning.train", *args],
         cwd=cwd,
-        env=cli_env(cwd),
+        env=cli_env(cwd) | (extra_env or {}),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -1,7 +1,9 @@
 """Run bookkeeping for scaled-out sweeps: plugins, GPU slots, SLURM settings, requeued jobs."""
 
+import os
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -76,6 +78,56 @@ def test_slurm_preset_asks_one_task_per_gpu_on_each_node():
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0
     CheckBeforeLaunch().on_multirun_start(cfg)  # integers: accepted
+
+
+def test_slurm_preset_submits_the_nodes_gpus_time_and_partition_of_the_config(
+    tmp_path, monkeypatch
+):
+    """The sbatch script the SLURM launcher writes (sbatch itself is stubbed: no SLURM here)."""
+    import submitit.core.utils
+    from hydra.core.utils import setup_globals
+    from hydra.utils import instantiate
+
+    class Submitted(Exception):
+        pass
+
+    scripts: list[str] = []
+
+    def sbatch(command_function, *args, **kwargs):
+        scripts.append(Path(command_function.command[-1]).read_text())
+        raise Submitted
+
+    monkeypatch.setattr(submitit.core.utils.CommandFunction, "__call__", sbatch)
+    fake_bin = tmp_path / "bin"  # submitit looks for srun before it writes anything
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    setup_globals()
+    cfg = composed(
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        f"paths.output_root={tmp_path}",
+        hydra=True,
+    )
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=None, config=cfg)
+    with pytest.raises(Submitted):
+        launcher.launch([["model.latent_dim=32"], ["model.latent_dim=64"]], initial_job_idx=0)
+    (script,) = scripts
+    for option in (
+        "--nodes=2",
+        "--ntasks-per-node=4",  # one process per GPU: Lightning's SLURM environment
+        "--gpus-per-node=4",
+        "--partition=gpu",
+        "--time=240",
+        "--signal=USR2@120",  # the time-out warning: checkpoint, then requeue
+        "--array=0-1%2",  # one array task per sweep job, both at once
+    ):
+        assert f"#SBATCH {option}" in script.splitlines(), option
 
 
 def test_slurm_preset_refuses_devices_auto(tmp_path):
