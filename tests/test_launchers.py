@@ -122,6 +122,7 @@ def test_optuna_search_minimizes_val_bpd_and_continues_from_its_sqlite_study(cif
     )
     trials = study.trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert trials[2].params not in (trials[0].params, trials[1].params)  # continued: new points
     sweeps = sorted((tmp_path / "outputs" / "multiruns").glob("*/*"))
     jobs = [job for sweep in sweeps for job in sorted(sweep.iterdir()) if job.is_dir()]
     assert len(sweeps) == 2 and len(jobs) == 3
