@@ -428,6 +428,7 @@ def test_an_output_folder_that_cannot_be_created_is_named_before_anything_runs(
         ("optimizer=adam", "Could not override 'optimizer'"),  # no such group or key
         ("hparams_search=grid", "Could not find 'hparams_search/grid'"),  # no such option ...
         ("trainer=tpu", "Available options in 'trainer'"),  # ... and the ones there are
+        ("paths.output_root=", "paths.output_root='' is not allowed"),  # not "/" + runs/...
     ],
 )
 def test_unknown_groups_and_options_are_named_before_anything_runs(

@@ -40,6 +40,10 @@ def test_defaults_are_valid():
         ("ckpt_path=/no/such/file.ckpt", "ckpt_path", "existing checkpoint"),
         ("model.compile=yes", "model.compile", "true or false"),
         ("data.on_device=maybe", "data.on_device", "auto, true or false"),
+        ("paths.data_dir=123", "paths.data_dir", "a folder path"),
+        ("data.data_dir=[a,b]", "data.data_dir", "a folder path"),
+        ("paths.output_root=", "paths.output_root", "a folder path"),
+        ("tags=baseline", "tags", "a list of names"),
     ],
 )
 def test_bad_values_name_key_and_allowed_values(override, key, allowed):

@@ -115,6 +115,16 @@ def validate_config(cfg: DictConfig) -> None:
         "an integer >= 1, or -1 for no limit",
     )
     _check(_is_int(_get(cfg, "seed")), "seed", _get(cfg, "seed"), "an integer")
+    for key in ("paths.data_dir", "paths.output_root", "data.data_dir"):
+        value = _get(cfg, key)
+        _check(isinstance(value, str) and value != "", key, value, "a folder path")
+    tags = _get(cfg, "tags")
+    _check(
+        OmegaConf.is_list(tags) and all(isinstance(t, str) for t in tags),
+        "tags",
+        tags,
+        "a list of names, e.g. tags=[baseline,h64]",
+    )
     wandb_mode = OmegaConf.select(cfg, "logger.wandb.mode")
     if wandb_mode is not None:
         _check(wandb_mode in WANDB_MODES, "logger.wandb.mode", wandb_mode, f"one of {WANDB_MODES}")

@@ -164,9 +164,11 @@ class CheckBeforeLaunch(Callback):
     callback's exceptions into warnings and goes on); create the folder of an SQLite study."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_output_root(config)
         _check_creatable(config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_output_root(config)
         _check_creatable(config.hydra.sweep.dir)
         launcher = config.hydra.launcher
         if str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
@@ -187,6 +189,15 @@ class CheckBeforeLaunch(Callback):
             database = Path(storage.removeprefix("sqlite:///"))
             _check_creatable(str(database.parent))
             database.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _check_output_root(config: DictConfig) -> None:
+    root = OmegaConf.select(config, "paths.output_root")
+    if not isinstance(root, str) or not root:
+        raise SystemExit(
+            f"Error: paths.output_root={root!r} is not allowed: it must be a folder path "
+            "(default: outputs)."
+        )
 
 
 def _check_creatable(folder: str) -> None:
