@@ -91,7 +91,7 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     if cfg.ckpt_path is None and (last := last_checkpoint(cfg.paths.output_dir)):
-        log.info(f"Resuming from {last}: this run's folder already has it (a requeued job)")
+        log.info(f"Resuming from {last}, which this run's folder already holds (a requeued job)")
         cfg.ckpt_path = last
     try:
         validate_config(cfg)
