@@ -184,7 +184,7 @@ class CheckBeforeLaunch(Callback):
                         "hydra/launcher=slurm set trainer.devices=<GPUs per node> and "
                         "trainer.num_nodes=<nodes>."
                     )
-        storage = str(OmegaConf.select(config, "hydra.sweeper.storage", default=None))
+        storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None) or ""
         if storage.startswith("sqlite:///"):
             database = Path(storage.removeprefix("sqlite:///"))
             _check_creatable(str(database.parent))
@@ -239,9 +239,9 @@ def gpu_of_its_own(cfg: DictConfig) -> Iterator[None]:
     """Under ``hydra/launcher=joblib``, a one-GPU job gets a GPU that no other job of the sweep
     is using (``trainer.devices=[i]``); with more jobs than GPUs, the others wait for one."""
     launcher = OmegaConf.select(HydraConfig.get(), "launcher._target_", default="") or ""
-    gpus = torch.cuda.device_count()
     wanted = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and cfg.trainer.devices == 1
-    if not (launcher.endswith("JoblibLauncher") and gpus and wanted):
+    gpus = torch.cuda.device_count() if launcher.endswith("JoblibLauncher") and wanted else 0
+    if not gpus:
         yield
         return
     with claim_slot(Path(HydraConfig.get().sweep.dir) / ".gpu_locks", gpus) as gpu:
