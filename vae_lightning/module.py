@@ -151,7 +151,7 @@ class VAELitModule(L.LightningModule):
         """``train/{name}`` means over the global batch (all ranks' images, one all-reduce of
         the sums and the count), and ``train/sigma``."""
         per_rank = [terms[name].detach().sum() for name in METRICS]
-        count = torch.tensor(float(terms["loss"].numel()), device=per_rank[0].device)
+        count = torch.full((), float(terms["loss"].numel()), device=per_rank[0].device)
         sums = torch.stack([*per_rank, count]).float()
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
