@@ -49,7 +49,7 @@ def test_submitit_local_runs_each_job_and_a_requeued_job_resumes_from_its_checkp
         assert (job / "metrics.json").is_file()
         steps = [int(r["step"]) for r in metrics_csv(job) if r.get("train/loss")]
         # the rows from before the requeue are kept: the log starts at step 0, not at the resume
-        assert steps[0] == 0 and max(steps) >= 149 and len(steps) >= 150
+        assert steps[0] == 0 and max(steps) >= 149
     submitit_logs = "".join(p.read_text() for p in jobs[0].parent.glob(".submitit/*/*_log.*"))
     assert len(set(re.findall(r"Requeued job (\S+)", submitit_logs))) == 2
     saved = dict(re.findall(r"Preempted: saved (\S+) at step (\d+)", submitit_logs))
