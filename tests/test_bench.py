@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import run_module
+from tests.helpers import run_module
 
 pytestmark = pytest.mark.cli
 

@@ -1,64 +1,31 @@
 """``python -m vae_lightning.train`` as a user runs it, on a tiny CIFAR-10 written by the tests."""
 
-import csv
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import REAL_DATA, run_train, start_train, wait_for_files
+from tests.helpers import (
+    DDP,
+    REAL_DATA,
+    SHORT,
+    SPLITS_AND_METRICS,
+    assert_run_folder,
+    last_value,
+    metrics_csv,
+    resolved,
+    run_train,
+    single_run,
+    start_train,
+    sweep_jobs,
+    wait_for_files,
+)
 from vae_lightning.report import write_report
 
 pytestmark = pytest.mark.cli
-
-SHORT = [
-    "trainer.max_epochs=1",
-    "trainer.log_every_n_steps=1",
-    "data.num_workers=0",
-    "data.batch_size=16",
-]
-SPLITS_AND_METRICS = [
-    f"{split}/{name}"
-    for split in ("train", "val", "test")
-    for name in ("loss", "recon_mse", "kl", "elbo", "bpd")
-]
-
-
-def single_run(cwd: Path) -> Path:
-    runs = sorted((cwd / "outputs" / "runs").glob("*/*"))
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def sweep_jobs(cwd: Path) -> list[Path]:
-    sweeps = list((cwd / "outputs" / "multiruns").glob("*/*"))
-    assert len(sweeps) == 1, sweeps
-    return sorted(p for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def metrics_csv(run: Path) -> list[dict[str, str]]:
-    with open(run / "csv" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def last_value(rows: list[dict[str, str]], key: str) -> float:
-    return float([r[key] for r in rows if r.get(key)][-1])
-
-
-def resolved(run: Path) -> dict:
-    return yaml.safe_load((run / "config.yaml").read_text())
-
-
-def assert_run_folder(run: Path) -> None:
-    assert (run / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
-    assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert len(list((run / "checkpoints").glob("epoch*-bpd*.ckpt"))) == 1
-    for name in ("reconstructions", "samples"):
-        assert list((run / "images").glob(f"{name}_epoch=*.png")), name
 
 
 def test_defaults_train_and_log_to_wandb_offline(cifar_dir, tmp_path):
@@ -136,9 +103,6 @@ def test_experiment_preset_sweeps(cifar_dir, tmp_path):
     targets = [resolved(j)["model"]["arch"]["encoder"]["_target_"] for j in jobs]
     assert [t.rsplit(".", 1)[1] for t in targets] == ["MLPEncoder", "ConvEncoder", "ResNetEncoder"]
     assert all(resolved(j)["tags"] == ["sweep_arch"] for j in jobs)
-
-
-DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 
 
 def test_ddp_on_two_cpu_processes(cifar_dir, tmp_path):
@@ -302,7 +266,7 @@ def test_resume_refuses_a_checkpoint_of_another_model_and_keeps_it(cifar_dir, tm
         f"ckpt_path={last} holds a different model (model.latent_dim: checkpoint 8" in proc.stderr
     )
     assert (
-        "model.arch: checkpoint {'encoder': {'_target_': 'vae_lightning.architectures.ConvEncoder'"
+        "model.arch: checkpoint {'encoder': {'_target_': 'vae_lightning.core.architectures.ConvEncoder'"
         in proc.stderr
     )
     assert last.read_bytes() == before

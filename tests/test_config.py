@@ -1,16 +1,11 @@
 """Bad settings are refused before training, with the key and the allowed values."""
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
+from tests.helpers import composed
 from vae_lightning.config import ConfigError, validate_config
-from vae_lightning.train import CONFIG_DIR, train
-
-
-def composed(*overrides: str, hydra: bool = False):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+from vae_lightning.train import train
 
 
 def test_defaults_are_valid():

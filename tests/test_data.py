@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import REAL_DATA, write_cifar10
-from vae_lightning.data import (
+from tests.helpers import REAL_DATA, write_cifar10
+from vae_lightning.data.cifar10 import (
     BASE_FOLDER,
     CIFAR10DataModule,
     DatasetCorruptError,
@@ -110,7 +110,7 @@ def denied(*paths: Path):
 def test_a_data_folder_without_permission_is_named(tmp_path, monkeypatch):
     write_cifar10(tmp_path, images_per_file=2)
     folder = tmp_path / BASE_FOLDER
-    monkeypatch.setattr("vae_lightning.data.os.access", denied(folder))
+    monkeypatch.setattr("vae_lightning.data.cifar10.os.access", denied(folder))
     with pytest.raises(PermissionError) as err:
         ensure_cifar10(tmp_path, download=True)
     assert f"{folder} cannot be read (no permission)" in str(err.value)
@@ -138,7 +138,7 @@ def test_no_download_into_a_folder_without_write_permission(tmp_path, monkeypatc
         raise AssertionError("tried to download")
 
     monkeypatch.setattr("urllib.request.urlopen", no_network)
-    monkeypatch.setattr("vae_lightning.data.os.access", denied(tmp_path))
+    monkeypatch.setattr("vae_lightning.data.cifar10.os.access", denied(tmp_path))
     with pytest.raises(PermissionError) as err:
         ensure_cifar10(tmp_path / "data", download=True)
     assert f"{tmp_path} is not writable (no permission)" in str(err.value)

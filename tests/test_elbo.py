@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from vae_lightning.elbo import (
+from vae_lightning.core.elbo import (
     bits_per_dim,
     gaussian_log_likelihood,
     kl_to_standard_normal,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import run_module, run_train
+from tests.helpers import run_module, run_train
 from vae_lightning.report import load_jobs, swept_parameters, write_report
 
 pytestmark = pytest.mark.cli

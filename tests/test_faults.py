@@ -5,9 +5,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.test_model import ADAM, MLP
-from vae_lightning.data import CIFAR10DataModule
-from vae_lightning.module import NonFiniteLossError, VAELitModule
+from tests.helpers import ADAM, MLP
+from vae_lightning.data.cifar10 import CIFAR10DataModule
+from vae_lightning.training.lit_module import NonFiniteLossError, VAELitModule
 
 
 def nan_at_step(module: VAELitModule, bad_step: int) -> None:

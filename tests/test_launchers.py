@@ -9,8 +9,16 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import run_train, start_train, wait_for_files
-from tests.test_cli import SHORT, assert_run_folder, metrics_csv, resolved, sweep_jobs
+from tests.helpers import (
+    SHORT,
+    assert_run_folder,
+    metrics_csv,
+    resolved,
+    run_train,
+    start_train,
+    sweep_jobs,
+    wait_for_files,
+)
 
 pytestmark = pytest.mark.cli
 

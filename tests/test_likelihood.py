@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.distributions import MultivariateNormal
 
-from vae_lightning.likelihood import grid_log_likelihood, sampled_estimates
-from vae_lightning.model import VAE
+from vae_lightning.core.estimators import grid_log_likelihood, sampled_estimates
+from vae_lightning.core.vae import VAE
 
 
 def linear_gaussian_vae(num_dims: int, latent_dim: int, sigma: float, seed: int = 0):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from vae_lightning import loggers
-from vae_lightning.loggers import has_wandb_api_key, resolve_wandb_mode
+from vae_lightning.training import loggers
+from vae_lightning.training.loggers import has_wandb_api_key, resolve_wandb_mode
 
 
 @pytest.fixture
@@ -102,8 +102,8 @@ def test_wandb_failing_mid_run_goes_offline_and_training_goes_on(
     import wandb
 
     from tests.test_model import ADAM, MLP
-    from vae_lightning.data import CIFAR10DataModule
-    from vae_lightning.module import VAELitModule
+    from vae_lightning.data.cifar10 import CIFAR10DataModule
+    from vae_lightning.training.lit_module import VAELitModule
 
     logger = loggers.wandb_logger(project="vae_lightning", save_dir=str(tmp_path), mode="offline")
     first_run = logger.experiment
@@ -141,10 +141,12 @@ def test_wandb_failing_mid_run_goes_offline_and_training_goes_on(
         callbacks=[NetworkDropsAtStep3(), RecordOfflineSteps()],
     )
     datamodule = CIFAR10DataModule(str(cifar_dir), batch_size=8, num_workers=0, download=False)
-    with caplog.at_level("WARNING", logger="vae_lightning.loggers"):
+    with caplog.at_level("WARNING", logger="vae_lightning.training.loggers"):
         trainer.fit(VAELitModule(MLP, ADAM, latent_dim=4), datamodule=datamodule)
     assert trainer.global_step == 8  # training went on
-    warnings = [r.getMessage() for r in caplog.records if r.name == "vae_lightning.loggers"]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.name == "vae_lightning.training.loggers"
+    ]
     assert "CommError('network is unreachable')" in warnings[0]
     fallback = tmp_path / "wandb_fallback" / "wandb"
     assert (

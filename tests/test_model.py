@@ -6,16 +6,12 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from vae_lightning.elbo import bits_per_dim
-from vae_lightning.model import SIGMA_MIN
-from vae_lightning.module import VAELitModule
+from tests.helpers import ADAM, MLP
+from vae_lightning.core.elbo import bits_per_dim
+from vae_lightning.core.vae import SIGMA_MIN
+from vae_lightning.training.lit_module import VAELitModule
 
 D = 3 * 32 * 32
-MLP = {
-    "encoder": {"_target_": "vae_lightning.architectures.MLPEncoder", "hidden_dims": [64]},
-    "decoder": {"_target_": "vae_lightning.architectures.MLPDecoder", "hidden_dims": [64]},
-}
-ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 
 
 def make_module(**kwargs) -> VAELitModule:
@@ -150,8 +146,8 @@ def test_module_round_trips_through_its_hyperparameters(tmp_path):
 
 
 CONV = {
-    "encoder": {"_target_": "vae_lightning.architectures.ConvEncoder", "channels": [8, 16]},
-    "decoder": {"_target_": "vae_lightning.architectures.ConvDecoder", "channels": [16, 8]},
+    "encoder": {"_target_": "vae_lightning.core.architectures.ConvEncoder", "channels": [8, 16]},
+    "decoder": {"_target_": "vae_lightning.core.architectures.ConvDecoder", "channels": [16, 8]},
 }
 
 

@@ -10,14 +10,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.test_config import composed
-from vae_lightning import run
-from vae_lightning.module import VAELitModule
-from vae_lightning.run import CheckBeforeLaunch, check_plugins, claim_slot, last_checkpoint
+from tests.helpers import composed
+from vae_lightning.launch import gpu_slots, plugins
+from vae_lightning.launch.gpu_slots import claim_slot
+from vae_lightning.launch.hydra_callbacks import CheckBeforeLaunch
+from vae_lightning.launch.plugins import check_plugins
+from vae_lightning.launch.run_files import last_checkpoint
+from vae_lightning.training.lit_module import VAELitModule
 
 
 def test_a_missing_plugin_gets_the_pip_command(monkeypatch):
-    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(plugins.importlib.util, "find_spec", lambda name: None)
     for arg, extra in [
         ("hydra/launcher=submitit_slurm", "slurm"),
         ("hydra/launcher=slurm", "slurm"),
@@ -55,13 +58,13 @@ def test_joblib_jobs_get_a_gpu_each(monkeypatch, tmp_path):
     hydra_cfg = OmegaConf.create(
         {"launcher": {"_target_": joblib}, "sweep": {"dir": str(tmp_path)}, "job": {"num": 0}}
     )
-    monkeypatch.setattr(run.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+    monkeypatch.setattr(gpu_slots.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     first, second = composed("trainer=gpu"), composed("trainer=gpu")
-    with run.gpu_of_its_own(first), run.gpu_of_its_own(second):
+    with gpu_slots.gpu_of_its_own(first), gpu_slots.gpu_of_its_own(second):
         assert (list(first.trainer.devices), list(second.trainer.devices)) == ([0], [1])
     ddp = composed("trainer=ddp", "trainer.devices=2")
-    with run.gpu_of_its_own(ddp):  # a multi-GPU job is left alone
+    with gpu_slots.gpu_of_its_own(ddp):  # a multi-GPU job is left alone
         assert ddp.trainer.devices == 2
 
 

@@ -2,7 +2,7 @@
 
 import optuna
 
-from vae_lightning.search import ContinuingTPESampler
+from vae_lightning.launch.optuna_sampler import ContinuingTPESampler
 
 
 def objective(trial: optuna.Trial) -> float:

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
 
-from vae_lightning.train import CONFIG_DIR
+from vae_lightning.cli import CONFIG_DIR
 
 
 class StepTimer(L.Callback):

@@ -12,8 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from vae_lightning.loggers import WANDB_MODES
-from vae_lightning.model import SIGMA_MODES
+from vae_lightning.core.vae import SIGMA_MODES
+from vae_lightning.launch.run_files import flatten
+from vae_lightning.training.loggers import WANDB_MODES
 
 
 class ConfigError(ValueError):
@@ -131,6 +132,22 @@ def validate_config(cfg: DictConfig) -> None:
     _check_checkpoint(cfg)
 
 
+RESUMABLE_CHANGES = ("optimizer.", "beta", "compile", "nonfinite_loss", "arch.channels_last")
+"""Model settings a resumed run may change: optimizer settings other than its class (the new
+values are applied to the restored optimizer), the KL weight, compilation, what a non-finite
+loss does, and the memory layout. Every other setting shapes the parameters or what they mean."""
+
+
+def _flat_model_settings(model: dict[str, Any]) -> dict[str, Any]:
+    """The model's settings that a resumed run must share with its checkpoint, as dotted keys."""
+    flat = flatten({k: v for k, v in model.items() if k not in ("_target_", "defaults")})
+    return {
+        key: value
+        for key, value in flat.items()
+        if key == "optimizer._target_" or not key.startswith(RESUMABLE_CHANGES)
+    }
+
+
 def check_resume_checkpoint(cfg: DictConfig) -> str | None:
     """Refuse a ``ckpt_path`` that is no checkpoint, or whose model differs from ``cfg.model``;
     return the W&B run id stored in it, if any."""
@@ -145,14 +162,17 @@ def check_resume_checkpoint(cfg: DictConfig) -> str | None:
             f"ckpt_path={path} cannot be read as a vae_lightning checkpoint "
             f"({type(err).__name__}): pass a .ckpt file written by vae_lightning.train."
         ) from None
-    wanted = {
-        "model.latent_dim": _get(cfg, "model.latent_dim"),
-        "model.arch": OmegaConf.to_container(cfg.model.arch, resolve=True),
-    }
-    found = {"model.latent_dim": saved.get("latent_dim"), "model.arch": saved.get("arch")}
-    differ = [key for key in wanted if wanted[key] != found[key]]
+    wanted = _flat_model_settings(OmegaConf.to_container(cfg.model, resolve=True))
+    found = _flat_model_settings(saved)
+    differ = sorted(
+        key for key in wanted.keys() | found.keys() if wanted.get(key) != found.get(key)
+    )
     if differ:
-        details = "; ".join(f"{k}: checkpoint {found[k]}, this run {wanted[k]}" for k in differ)
+        unset = "(not set)"
+        details = "; ".join(
+            f"model.{k}: checkpoint {found.get(k, unset)}, this run {wanted.get(k, unset)}"
+            for k in differ
+        )
         raise ConfigError(
             f"ckpt_path={path} holds a different model ({details}). Resume with the model "
             "settings of the run that wrote it, or drop ckpt_path to start afresh."

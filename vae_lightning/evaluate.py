@@ -17,12 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from vae_lightning.cli import CONFIG_DIR
 from vae_lightning.config import ConfigError, validate_eval_config
-from vae_lightning.data import DatasetNotFoundError
-from vae_lightning.evaluation import fid_metric, fid_scores, likelihood_metrics, save_grids
-from vae_lightning.loggers import start_eval_run
-from vae_lightning.module import VAELitModule
-from vae_lightning.train import CONFIG_DIR
+from vae_lightning.data.cifar10 import DatasetNotFoundError
+from vae_lightning.evaluation.metrics import fid_metric, fid_scores, likelihood_metrics, save_grids
+from vae_lightning.training.lit_module import VAELitModule
+from vae_lightning.training.loggers import start_eval_run
 
 log = logging.getLogger(__name__)
 

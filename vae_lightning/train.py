@@ -2,47 +2,32 @@
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lightning.config import ConfigError, build, check_resume_checkpoint, validate_config
-from vae_lightning.data import DatasetCorruptError, DatasetNotFoundError
-from vae_lightning.loggers import finish_wandb_run
-from vae_lightning.module import NonFiniteLossError
-from vae_lightning.run import (
-    JobFailed,
-    check_plugins,
-    flatten,
-    gpu_of_its_own,
-    is_multirun,
-    isolated_ddp_job,
-    last_checkpoint,
+from vae_lightning.cli import (
+    CONFIG_DIR,
+    one_line_errors,
+    quiet_third_party_warnings,
     register_resolvers,
+)
+from vae_lightning.config import build, check_resume_checkpoint, validate_config
+from vae_lightning.launch.ddp import isolated_ddp_job
+from vae_lightning.launch.gpu_slots import gpu_of_its_own
+from vae_lightning.launch.plugins import check_plugins
+from vae_lightning.launch.run_files import (
+    flatten,
+    last_checkpoint,
     save_final_metrics,
     save_resolved_config,
 )
+from vae_lightning.training.loggers import finish_wandb_run
 
 log = logging.getLogger(__name__)
 
-KNOWN_ERRORS = (
-    ConfigError,
-    MisconfigurationException,
-    DatasetNotFoundError,
-    DatasetCorruptError,
-    PermissionError,
-    NonFiniteLossError,
-)
-"""Errors whose message says what went wrong and what to do: shown without a traceback."""
-
-_PACKAGE_DIR = Path(__file__).resolve().parent
-CONFIG_DIR = str(
-    next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if p.is_dir())
-)  # inside the package when installed from a wheel, beside it in a checkout
 register_resolvers()  # ${sweep_group:} in conf/train.yaml
 
 
@@ -90,20 +75,15 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_third_party_warnings()
     if cfg.ckpt_path is None and (last := last_checkpoint(cfg.paths.output_dir)):
         log.info(f"Resuming from {last}, which this run's folder already holds (a requeued job)")
         cfg.ckpt_path = last
-    try:
+    with one_line_errors():
         validate_config(cfg)
         wandb_run_id = check_resume_checkpoint(cfg)
         with gpu_of_its_own(cfg):
             metrics = train(cfg, wandb_run_id)
-    except KNOWN_ERRORS as err:
-        invalid = isinstance(err, ConfigError | MisconfigurationException)
-        message = f"{'Invalid configuration' if invalid else 'Error'}: {err}"
-        if is_multirun():  # fail this job only: the sweep goes on (see RecordFailedJobs)
-            raise JobFailed(message) from None
-        raise SystemExit(message) from None
     log.info(f"Run folder: {cfg.paths.output_dir}")
     return metrics.get(cfg.optimized_metric)
 

@@ -1,6 +1,6 @@
 """The terms of the VAE's evidence lower bound, per image, in nats.
 
-Images are scaled to [0, 1] with 256 bins of width 1/256 (see ``vae_lightning.data``), so a
+Images are scaled to [0, 1] with 256 bins of width 1/256 (see ``vae_lightning.data.cifar10``), so a
 continuous log-density on that scale becomes a bound on the 8-bit image's log-probability by
 subtracting ``D * log(256)``; ``bits_per_dim`` does exactly that.
 """

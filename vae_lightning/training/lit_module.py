@@ -13,13 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from vae_lightning.elbo import (
-    bits_per_dim,
-    kl_to_standard_normal,
-    log_likelihood_from_squared_error,
-    squared_error,
-)
-from vae_lightning.model import VAE, SigmaMode
+from vae_lightning.core.vae import VAE, SigmaMode
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +73,8 @@ class VAELitModule(L.LightningModule):
         if compile:  # in place: the state dict keeps its keys
             self.vae.encoder.compile()
             self.vae.decoder.compile()
+        self.nonfinite_skipped = 0
+        self._skip_update = False
         self.eval_metrics = nn.ModuleDict(
             {f"{split}_{name}": MeanMetric() for split in ("val", "test") for name in METRICS}
         )
@@ -88,33 +84,17 @@ class VAELitModule(L.LightningModule):
         return self.vae(x).x_hat
 
     def compute_terms(self, x: Tensor) -> dict[str, Tensor]:
-        """Per-image loss and metrics (each of shape ``(B,)``) for a batch in [0, 1].
-
-        The networks may run in reduced precision (bf16 autocast); every reduction runs in fp32.
-        """
+        """Per-image loss and metrics (each of shape ``(B,)``) for a batch in [0, 1]."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x_hat, mu, logvar, _ = self.vae(x)
-        x_hat, mu, logvar = (
-            t.to(torch.promote_types(t.dtype, x.dtype)) for t in (x_hat, mu, logvar)
-        )
-        num_dims = x[0].numel()
-        sq_err = squared_error(x, x_hat)
-        kl = kl_to_standard_normal(mu, logvar)
-
-        log_sigma = self.vae.fitted_log_sigma(sq_err, num_dims)
-        recon = 0.5 * sq_err * torch.exp(-2.0 * log_sigma)
-        if self.vae.sigma_mode != "fixed":
-            recon = recon + num_dims * log_sigma  # a constant only when sigma is fixed
-        log_px_z = log_likelihood_from_squared_error(sq_err, num_dims, self.vae.decoder_log_sigma())
-        elbo = log_px_z - kl
+        terms = self.vae.elbo_terms(x, self.beta)
         return {
-            "loss": recon + self.beta * kl,
-            "recon_mse": sq_err / num_dims,
-            "kl": kl,
-            "elbo": elbo,
-            "bpd": bits_per_dim(elbo, num_dims),
-            "squared_error": sq_err,
+            "loss": terms.loss,
+            "recon_mse": terms.squared_error / x[0].numel(),
+            "kl": terms.kl,
+            "elbo": terms.elbo,
+            "bpd": terms.bpd,
+            "squared_error": terms.squared_error,
         }
 
     def on_fit_start(self) -> None:
@@ -128,14 +108,16 @@ class VAELitModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x = batch[0]
         terms = self.compute_terms(x)
-        self.vae.update_running_sigma(terms["squared_error"], x[0].numel())
-        self.log_dict(self._global_batch_means(terms), on_step=True, on_epoch=False)
         loss = terms["loss"].mean()
+        self._skip_update = False
         if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            self.vae.update_running_sigma(terms["squared_error"], x[0].numel())
+            means = self._global_batch_means(terms)
+            self.log("train/loss", means.pop("train/loss"), on_step=True, prog_bar=True)
+            self.log_dict(means, on_step=True, on_epoch=False)
             return loss
         if self.nonfinite_loss == "skip":
-            log.warning(f"Non-finite loss at step {self.global_step}: step skipped.")
-            return None
+            return self._skip_step()
         last = self._last_checkpoint()
         what_now = (
             f"the last good checkpoint is {last}: resume from it (ckpt_path=...) with"
@@ -146,6 +128,46 @@ class VAELitModule(L.LightningModule):
             f"The loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
             f"{what_now} a lower model.optimizer.lr, or set model.nonfinite_loss=skip."
         )
+
+    def _skip_step(self) -> Tensor:
+        """A step whose loss is not finite on some rank, skipped on every rank alike.
+
+        Every rank still runs a backward pass, of a zero that depends on every parameter, so
+        that DDP's gradient all-reduce happens as usual; ``on_before_optimizer_step`` then drops
+        the gradients, and the optimizer leaves the weights and its own state as they were.
+        Nothing of the step is logged but the count of skipped steps.
+        """
+        self._skip_update = True
+        self.nonfinite_skipped += 1
+        log.warning(
+            f"Non-finite loss at step {self.global_step}: step skipped "
+            f"({self.nonfinite_skipped} so far)."
+        )
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
+        return 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_update:
+            for param in self.parameters():
+                param.grad = None
+
+    def on_train_start(self) -> None:
+        """Apply the configured optimizer settings (``model.optimizer.lr``, ...) to a resumed
+        optimizer: loading its state from a checkpoint brings back the old ones."""
+        settings = {k: v for k, v in self.hparams.optimizer.items() if not k.startswith("_")}
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                for key, value in settings.items():
+                    value = tuple(value) if isinstance(value, list) else value
+                    if key in group and group[key] != value:
+                        log.info(f"model.optimizer.{key}={value} (the checkpoint had {group[key]})")
+                        group[key] = value
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
 
     def _global_batch_means(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """``train/{name}`` means over the global batch (all ranks' images, one all-reduce of
@@ -176,7 +198,8 @@ class VAELitModule(L.LightningModule):
         for name in METRICS:
             metric = self.eval_metrics[f"{split}_{name}"]
             metric.update(terms[name])
-            self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True)
+            prog_bar = split == "val" and name == "bpd"
+            self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, prog_bar=prog_bar)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

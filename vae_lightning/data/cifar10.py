@@ -9,7 +9,7 @@ training device, sharded by rank under DDP.
 
 Pixel scaling: an 8-bit value k becomes x = (k + u) / 256 with u ~ U[0, 1) (uniform
 dequantization, the default) or u = 1/2 (bin centres). Either way the 256 bins of [0, 1] have
-width 1/256, which is what ``vae_lightning.elbo.bits_per_dim`` assumes.
+width 1/256, which is what ``vae_lightning.core.elbo.bits_per_dim`` assumes.
 """
 
 import math

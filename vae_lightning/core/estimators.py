@@ -16,13 +16,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from vae_lightning.elbo import (
+from vae_lightning.core.elbo import (
     diagonal_normal_log_density,
-    gaussian_log_likelihood,
     kl_to_standard_normal,
     log_likelihood_from_squared_error,
 )
-from vae_lightning.model import VAE
+from vae_lightning.core.vae import VAE
 
 
 class SampledEstimates(NamedTuple):
@@ -37,14 +36,13 @@ def _decoder_log_likelihoods(vae: VAE, x: Tensor, z: Tensor, max_batch: int) -> 
     """``log p(x_b | z_kb)`` for latents ``z`` of shape ``(K, B, H)``: a ``(K, B)`` tensor."""
     num_samples, batch = z.shape[:2]
     per_call = max(1, max_batch // batch)
-    log_sigma = vae.decoder_log_sigma()
     chunks = []
     for start in range(0, num_samples, per_call):
         z_chunk = z[start : start + per_call]
         k = z_chunk.shape[0]
         x_hat = vae.decode(z_chunk.reshape(k * batch, -1))
         x_rep = x.unsqueeze(0).expand(k, *x.shape).reshape(x_hat.shape)
-        chunks.append(gaussian_log_likelihood(x_rep, x_hat, log_sigma).view(k, batch))
+        chunks.append(vae.log_likelihood(x_rep, x_hat).view(k, batch))
     return torch.cat(chunks)
 
 

@@ -38,7 +38,7 @@ class ImageGrids(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        is_last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
+        is_last = (trainer.max_epochs or -1) > 0 and epoch + 1 >= trainer.max_epochs
         if trainer.sanity_checking or self._originals is None:
             return
         if (epoch + 1) % self.every_n_epochs == 0 or is_last or trainer.should_stop:

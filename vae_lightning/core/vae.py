@@ -1,10 +1,22 @@
-"""The VAE: q(z|x) = N(mu, diag sigma_q^2), p(z) = N(0, I), p(x|z) = N(x_hat(z), sigma^2 I)."""
+"""The VAE: q(z|x) = N(mu, diag sigma_q^2), p(z) = N(0, I), p(x|z) = N(x_hat(z), sigma^2 I).
+
+``VAE.elbo_terms`` is the one place where a batch's ELBO is assembled (training loss, reported
+log-likelihood, KL, ELBO, bits/dim); ``VAE.log_likelihood`` is the one decoder likelihood that
+it and the log p(x) estimators score images with.
+"""
 
 import math
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from vae_lightning.core.elbo import (
+    bits_per_dim,
+    kl_to_standard_normal,
+    log_likelihood_from_squared_error,
+    squared_error,
+)
 
 SigmaMode = Literal["fixed", "learned", "optimal"]
 SIGMA_MODES: tuple[str, ...] = ("fixed", "learned", "optimal")
@@ -17,6 +29,19 @@ class VAEOutput(NamedTuple):
     mu: Tensor
     logvar: Tensor
     z: Tensor
+
+
+class ELBOTerms(NamedTuple):
+    """Per image (each of shape ``(B,)``): the training ``loss`` (beta-weighted KL, fitted sigma),
+    and the reported ``log_likelihood`` log p(x|z) (model sigma, every constant), ``kl``,
+    ``elbo`` = log_likelihood - kl (beta = 1), ``bpd``, and the ``squared_error``."""
+
+    loss: Tensor
+    log_likelihood: Tensor
+    kl: Tensor
+    elbo: Tensor
+    bpd: Tensor
+    squared_error: Tensor
 
 
 class VAE(nn.Module):
@@ -68,6 +93,40 @@ class VAE(nn.Module):
         mu, logvar = self.encode(x)
         z = self.reparameterize(mu, logvar)
         return VAEOutput(self.decode(z), mu, logvar, z)
+
+    def log_likelihood(self, x: Tensor, x_hat: Tensor) -> Tensor:
+        """``log p(x|z)`` per image for the decoder mean ``x_hat``, with the model's sigma."""
+        return log_likelihood_from_squared_error(
+            squared_error(x, x_hat), x[0].numel(), self.decoder_log_sigma()
+        )
+
+    def elbo_terms(self, x: Tensor, beta: float = 1.0) -> ELBOTerms:
+        """The ELBO's terms for a batch ``x``, from one reparameterized posterior sample.
+
+        The networks may run in reduced precision (bf16 autocast); every reduction runs in the
+        precision of ``x`` (fp32).
+        """
+        x_hat, mu, logvar, _ = self(x)
+        x_hat, mu, logvar = (
+            t.to(torch.promote_types(t.dtype, x.dtype)) for t in (x_hat, mu, logvar)
+        )
+        num_dims = x[0].numel()
+        sq_err = squared_error(x, x_hat)
+        kl = kl_to_standard_normal(mu, logvar)
+        log_sigma = self.fitted_log_sigma(sq_err, num_dims)
+        recon = 0.5 * sq_err * torch.exp(-2.0 * log_sigma)
+        if self.sigma_mode != "fixed":
+            recon = recon + num_dims * log_sigma  # a constant only when sigma is fixed
+        log_px_z = log_likelihood_from_squared_error(sq_err, num_dims, self.decoder_log_sigma())
+        elbo = log_px_z - kl
+        return ELBOTerms(
+            loss=recon + beta * kl,
+            log_likelihood=log_px_z,
+            kl=kl,
+            elbo=elbo,
+            bpd=bits_per_dim(elbo, num_dims),
+            squared_error=sq_err,
+        )
 
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:

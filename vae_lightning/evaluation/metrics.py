@@ -12,10 +12,10 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import make_grid, save_image
 
-from vae_lightning.data import to_unit_interval
-from vae_lightning.elbo import bits_per_dim, kl_per_dimension, squared_error
-from vae_lightning.likelihood import grid_log_likelihood, sampled_estimates
-from vae_lightning.model import VAE
+from vae_lightning.core.elbo import bits_per_dim, kl_per_dimension, squared_error
+from vae_lightning.core.estimators import grid_log_likelihood, sampled_estimates
+from vae_lightning.core.vae import VAE
+from vae_lightning.data.cifar10 import to_unit_interval
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,71 @@
+"""What every command shares: the config folder, the config resolvers, and one way to report
+the errors a user can make (one line, no traceback, in a single run and in a sweep job)."""
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import OmegaConf
+
+from vae_lightning.config import ConfigError
+from vae_lightning.data.cifar10 import DatasetCorruptError, DatasetNotFoundError
+from vae_lightning.launch.hydra_callbacks import JobFailed
+from vae_lightning.launch.multirun import is_multirun, sweep_group
+from vae_lightning.training.lit_module import NonFiniteLossError
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = str(
+    next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if p.is_dir())
+)
+"""Inside the package when installed from a wheel, beside it in a checkout."""
+
+KNOWN_ERRORS = (
+    ConfigError,
+    MisconfigurationException,
+    DatasetNotFoundError,
+    DatasetCorruptError,
+    PermissionError,
+    NonFiniteLossError,
+)
+"""Errors whose message says what went wrong and what to do: shown without a traceback."""
+
+
+def register_resolvers() -> None:
+    """``${sweep_group:}``: the W&B group shared by the jobs of one multirun."""
+    OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn a known error into one line: the process exits with it, or, in a sweep job, the
+    job fails with it and the sweep goes on (see ``RecordFailedJobs``)."""
+    try:
+        yield
+    except KNOWN_ERRORS as err:
+        invalid = isinstance(err, ConfigError | MisconfigurationException)
+        message = f"{'Invalid configuration' if invalid else 'Error'}: {err}"
+        if is_multirun():
+            raise JobFailed(message) from None
+        raise SystemExit(message) from None
+
+
+_NOISE = (
+    "💡 Tip: ",  # Lightning advertising a hosted logger
+    "Trainer already configured with model summary callbacks",  # we configure it on purpose
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NOISE)
+
+
+def quiet_third_party_warnings() -> None:
+    """Hide messages of other libraries that tell a user of this project nothing: Lightning's
+    tips and notes on its own internals, and a deprecation inside Lightning's use of torch's
+    pytrees. Every other warning still shows."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

@@ -1,0 +1,104 @@
+"""Training progress people can read: a live bar in a terminal, plain log lines elsewhere."""
+
+import logging
+import math
+import sys
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+def progress_bar(every_n_steps: int = 100) -> ProgressBar:
+    """Rich's live bar (with the training loss and the last val/bpd) when stdout is a terminal;
+    otherwise ``ProgressLog``, whose lines also reach ``train.log``."""
+    if sys.stdout.isatty():
+        return RichProgressBar()
+    return ProgressLog(every_n_steps)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+class ProgressLog(ProgressBar):
+    """One plain log line after every epoch, and every ``every_n_steps`` training steps
+    (0: epochs only), for output that goes to a file (SLURM, nohup, CI):
+
+    ``epoch 3/20 step 1056 | 812 img/s | train/loss 1234.5 | val/bpd 6.912 | 4m12s, ~12m30s left``
+
+    A ``ProgressBar``, so that Lightning adds no bar of its own.
+    """
+
+    def __init__(self, every_n_steps: int = 100) -> None:
+        super().__init__()
+        if (
+            not isinstance(every_n_steps, int)
+            or isinstance(every_n_steps, bool)
+            or every_n_steps < 0
+        ):
+            raise ValueError(f"every_n_steps={every_n_steps!r}: it must be an integer >= 0")
+        self.every_n_steps = every_n_steps
+        self._enabled = True
+        self._started = 0.0
+        self._first_step = 0
+        self._windows = {"step": [0.0, 0], "epoch": [0.0, 0]}  # start time, images since
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.monotonic()
+        self._first_step = trainer.global_step
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._windows = {name: [time.monotonic(), 0] for name in self._windows}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        for window in self._windows.values():
+            window[1] += len(batch[0]) * trainer.world_size
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step > self._first_step:
+            self._report(trainer, "step")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, "epoch")
+
+    @rank_zero_only
+    def _report(self, trainer: L.Trainer, window: str) -> None:
+        """A line; images/s over the steps since the last step line, or over the epoch."""
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        start, images = self._windows[window]
+        speed = images / max(now - start, 1e-9)
+        self._windows["step"] = [now, 0]
+        suffix = " (end)" if window == "epoch" else ""
+        elapsed = now - self._started
+        done = trainer.global_step - self._first_step
+        total = trainer.estimated_stepping_batches
+        left = (total - trainer.global_step) * elapsed / done if done else math.inf
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+        parts = [f"epoch {trainer.current_epoch + 1}/{epochs}{suffix} step {trainer.global_step}"]
+        parts.append(f"{speed:.0f} img/s")
+        metrics = trainer.callback_metrics
+        for key, fmt in (("train/loss", "{:.1f}"), ("val/bpd", "{:.4f}")):
+            if key in metrics:
+                parts.append(f"{key} {fmt.format(float(metrics[key]))}")
+        parts.append(f"{_duration(elapsed)}, ~{_duration(left)} left")
+        log.info(" | ".join(parts))
