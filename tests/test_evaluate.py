@@ -1,10 +1,12 @@
 """The evaluate and report commands, run as a user runs them."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from tests.helpers import run_module, run_train
@@ -13,7 +15,7 @@ from vae_lightning.report import load_jobs, swept_parameters, write_report
 pytestmark = pytest.mark.cli
 
 TRAIN = ["logger=csv", "trainer.max_epochs=1", "data.num_workers=0", "data.batch_size=16"]
-EVAL = ["eval.limit=16", "eval.num_samples=8", "eval.batch_size=8", "eval.grid_points=32"]
+EVAL = ["eval.limit=16", "eval.num_samples=8", "data.batch_size=8", "eval.grid_points=32"]
 LIKELIHOOD_KEYS = {
     "elbo_nats",
     "elbo_bpd",
@@ -52,6 +54,7 @@ def test_evaluate_writes_every_estimate_and_fid_with_a_custom_extractor(
             f"data.data_dir={cifar_dir}",
             *EVAL,
             f"eval.fid.feature_extractor={extractor}",
+            "logger=wandb",  # the training run logged to CSV only
         ],
         cwd=tmp_path,
     )
@@ -82,13 +85,68 @@ def test_evaluate_without_fid_weights_skips_fid_with_one_line(
             f"data.data_dir={cifar_dir}",
             *EVAL,
             f"eval.fid.inception_weights={weights}",
-            "eval.wandb_mode=disabled",
+            "logger=none",
         ],
         cwd=tmp_path,
     )
     assert (proc.stdout + proc.stderr).count("FID skipped:") == 1
     results = json.loads((eval_output(tmp_path) / "eval.json").read_text())
     assert "fid_samples" not in results and "iwae_bpd" in results
+
+
+def test_evaluate_starts_from_the_training_runs_config(cifar_dir, tmp_path):
+    """The data scaling, seed, batch size and W&B settings are the training run's; the command
+    line can still change them, with the training keys."""
+    train_args = [f"data.data_dir={cifar_dir}", *TRAIN, "model.latent_dim=2"]
+    run_train([*train_args, "data.dequantize=false", "seed=5"], cwd=tmp_path / "train")
+    ckpt = next((tmp_path / "train").glob("outputs/runs/*/*/checkpoints/last.ckpt"))
+    args = [f"ckpt_path={ckpt}", "eval.limit=8", "eval.num_samples=2", "eval.fid.enabled=false"]
+    run_module("vae_lightning.evaluate", args, cwd=tmp_path / "plain")
+    plain = yaml.safe_load((eval_output(tmp_path / "plain") / "config.yaml").read_text())
+    assert plain["data"]["dequantize"] is False and plain["seed"] == 5
+    assert plain["data"]["batch_size"] == 16 and plain["data"]["data_dir"] == str(cifar_dir)
+    assert plain["logger"].keys() == {"csv"} and plain["model"]["latent_dim"] == 2
+    assert plain["trainer"]["accelerator"] == "auto"
+    assert not (eval_output(tmp_path / "plain") / "wandb").exists()
+
+    moved = tmp_path / "moved"
+    shutil.copytree(cifar_dir, moved)
+    changed = [f"data.data_dir={moved}", "data.batch_size=4", "seed=1", "trainer.accelerator=cpu"]
+    run_module("vae_lightning.evaluate", [*args, *changed], cwd=tmp_path / "changed")
+    cfg = yaml.safe_load((eval_output(tmp_path / "changed") / "config.yaml").read_text())
+    assert cfg["data"]["data_dir"] == str(moved) and cfg["data"]["batch_size"] == 4
+    assert cfg["seed"] == 1 and cfg["trainer"]["accelerator"] == "cpu"
+    assert cfg["data"]["dequantize"] is False  # what was not set stays the training run's
+
+
+def test_evaluate_gives_one_line_for_a_truncated_dataset_also_in_a_sweep(
+    cifar_dir, trained_2d, tmp_path
+):
+    data = tmp_path / "data"
+    shutil.copytree(cifar_dir, data)
+    batch = data / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(batch.read_bytes()[:500])
+    args = [f"ckpt_path={trained_2d}", f"data.data_dir={data}", *EVAL, "logger=none"]
+    proc = run_module("vae_lightning.evaluate", args, cwd=tmp_path / "single", expect_ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"Error: {batch} is not a CIFAR-10 batch" in proc.stderr
+
+    sweep = ["-m", f"data.data_dir={data},{cifar_dir}"]
+    args = [f"ckpt_path={trained_2d}", *EVAL, "logger=none", "eval.fid.enabled=false"]
+    proc = run_module(
+        "vae_lightning.evaluate", [*sweep, *args], tmp_path / "sweep", expect_ok=False
+    )
+    assert proc.returncode != 0
+    (folder,) = (tmp_path / "sweep").glob("outputs/multiruns/*/*")
+    failed = yaml.safe_load((folder / "failed_jobs.yaml").read_text())
+    assert [f["job"] for f in failed] == [0] and "is not a CIFAR-10 batch" in failed[0]["error"]
+    assert (folder / "1" / "eval.json").is_file()  # the next job ran
+
+
+def test_report_of_a_folder_without_jobs_gives_one_line(tmp_path):
+    proc = run_module("vae_lightning.report", [str(tmp_path)], cwd=tmp_path, expect_ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"Error: {tmp_path} holds no job folders" in proc.stderr
 
 
 def test_evaluate_requires_a_checkpoint(tmp_path):

@@ -17,10 +17,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
 
-from vae_lightning.cli import CONFIG_DIR
+from vae_lightning.cli import CONFIG_DIR, one_line_errors, quiet_third_party_warnings
+from vae_lightning.config import build
 
 
 class StepTimer(L.Callback):
@@ -79,8 +79,8 @@ def _trainer(args: argparse.Namespace, callbacks: list[L.Callback], **kwargs) ->
 def throughput(args: argparse.Namespace, arch: str, on_device: bool) -> dict[str, float]:
     cfg = _config(args, arch, on_device)
     L.seed_everything(0, verbose=False)
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, _recursive_=False)
+    datamodule = build(cfg, "data")
+    model = build(cfg, "model", _recursive_=False)
     timer = StepTimer(args.warmup)
     trainer = _trainer(
         args, [timer], max_steps=args.warmup + args.steps, limit_val_batches=0, max_epochs=-1
@@ -100,8 +100,8 @@ def time_to_bpd(args: argparse.Namespace, arch: str) -> tuple[float, float, int]
     """Wall time of fit until val/bpd <= target (validating every ``--val-every`` steps)."""
     cfg = _config(args, arch, on_device=True)
     L.seed_everything(0, verbose=False)
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, _recursive_=False)
+    datamodule = build(cfg, "data")
+    model = build(cfg, "model", _recursive_=False)
     datamodule.setup("fit")
     steps_per_epoch = math.ceil(len(datamodule.train_set) / args.batch_size)
     stop = EarlyStopping("val/bpd", stopping_threshold=args.target_bpd, patience=10**9)
@@ -155,6 +155,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-root", default=str(Path("outputs") / "bench"))
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    quiet_third_party_warnings()
+    with one_line_errors():
+        print("\n".join(measure(args)))
+
+
+def measure(args: argparse.Namespace) -> list[str]:
+    """The report's lines: the setup, then one line per measurement."""
 
     lines = [
         f"device: {describe_device()}",
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.startup:
         seconds = startup_seconds(args)
         lines.append(f"start-up to first training step (whole command): {seconds:.1f} s")
-    print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from vae_lightning.config import ConfigError
 from vae_lightning.data.cifar10 import DatasetCorruptError, DatasetNotFoundError
 from vae_lightning.launch.hydra_callbacks import JobFailed
 from vae_lightning.launch.multirun import is_multirun, sweep_group
+from vae_lightning.launch.run_files import RunFilesNotFoundError
 from vae_lightning.training.lit_module import NonFiniteLossError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -29,6 +30,7 @@ KNOWN_ERRORS = (
     DatasetCorruptError,
     PermissionError,
     NonFiniteLossError,
+    RunFilesNotFoundError,
 )
 """Errors whose message says what went wrong and what to do: shown without a traceback."""
 

@@ -69,7 +69,7 @@ def _check_checkpoint(cfg: DictConfig) -> None:
 def validate_eval_config(cfg: DictConfig) -> None:
     """Like ``validate_config``, for ``vae_lightning.evaluate``."""
     _check_checkpoint(cfg)
-    for key in ("eval.batch_size", "eval.num_samples", "eval.max_batch", "eval.grid_points"):
+    for key in ("eval.num_samples", "eval.max_batch", "eval.grid_points", "data.batch_size"):
         value = _get(cfg, key)
         _check(_is_int(value) and value >= 1, key, value, "an integer >= 1")
     limit = _get(cfg, "eval.limit")
@@ -77,10 +77,15 @@ def validate_eval_config(cfg: DictConfig) -> None:
     for key in ("eval.grid_limit", "eval.active_threshold"):
         value = _get(cfg, key)
         _check(_is_real(value) and value > 0, key, value, "a number > 0")
-    device = _get(cfg, "device")
-    _check(device in ("auto", "cpu", "cuda"), "device", device, "one of auto, cpu, cuda")
-    mode = _get(cfg, "eval.wandb_mode")
-    _check(mode in WANDB_MODES, "eval.wandb_mode", mode, f"one of {WANDB_MODES}")
+    for key in ("data.dequantize", "data.download", "eval.fid.enabled"):
+        value = _get(cfg, key)
+        _check(isinstance(value, bool), key, value, "true or false")
+    accelerator = _get(cfg, "trainer.accelerator")
+    allowed = ("auto", "cpu", "gpu", "cuda")
+    _check(accelerator in allowed, "trainer.accelerator", accelerator, "auto, cpu or gpu")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator=gpu, but no GPU is visible: use auto or cpu.")
+    _check_wandb_mode(cfg)
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -126,10 +131,14 @@ def validate_config(cfg: DictConfig) -> None:
         tags,
         "a list of names, e.g. tags=[baseline,h64]",
     )
-    wandb_mode = OmegaConf.select(cfg, "logger.wandb.mode")
-    if wandb_mode is not None:
-        _check(wandb_mode in WANDB_MODES, "logger.wandb.mode", wandb_mode, f"one of {WANDB_MODES}")
+    _check_wandb_mode(cfg)
     _check_checkpoint(cfg)
+
+
+def _check_wandb_mode(cfg: DictConfig) -> None:
+    mode = OmegaConf.select(cfg, "logger.wandb.mode")
+    if mode is not None:
+        _check(mode in WANDB_MODES, "logger.wandb.mode", mode, f"one of {WANDB_MODES}")
 
 
 RESUMABLE_CHANGES = ("optimizer.", "beta", "compile", "nonfinite_loss", "arch.channels_last")

@@ -1,10 +1,12 @@
 """Evaluate a trained VAE: ``python -m vae_lightning.evaluate ckpt_path=<checkpoint>``.
 
-Writes ``eval.json`` and image grids to its output folder, prints a table, and logs to W&B.
+Writes ``eval.json``, the config it ran with and image grids to its output folder, prints a
+table, and logs to W&B.
 """
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,25 +14,62 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from vae_lightning.cli import CONFIG_DIR
-from vae_lightning.config import ConfigError, validate_eval_config
-from vae_lightning.data.cifar10 import DatasetNotFoundError
+from vae_lightning.cli import CONFIG_DIR, one_line_errors, quiet_third_party_warnings
+from vae_lightning.config import build, validate_eval_config
 from vae_lightning.evaluation.metrics import fid_metric, fid_scores, likelihood_metrics, save_grids
+from vae_lightning.launch.plugins import check_plugins
+from vae_lightning.launch.run_files import save_resolved_config
 from vae_lightning.training.lit_module import VAELitModule
 from vae_lightning.training.loggers import start_eval_run
 
 log = logging.getLogger(__name__)
 
+EVALUATION_KEYS = ("eval", "paths", "ckpt_path", "trainer.accelerator")
+"""Taken from this command's config whatever the training run had."""
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
+
+def _raw(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The training run's resolved config (``config.yaml`` in the checkpoint's run folder) with
+    ``EVALUATION_KEYS`` and every key or group the command line ``overrides`` set put over it.
+    Without that file, this command's own defaults stand in for it (with a warning)."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    run_file = Path(cfg.ckpt_path).resolve().parent.parent / "config.yaml"
+    if run_file.is_file():
+        merged = OmegaConf.load(run_file)
+    else:
+        log.warning(
+            f"No config.yaml in the checkpoint's run folder ({run_file.parent}): data, seed "
+            "and logger settings are this command's defaults and the command line's."
+        )
+        merged = OmegaConf.create({key: raw[key] for key in ("data", "logger", "seed")})
+    keys = list(EVALUATION_KEYS)
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group.replace("/", ".")
+        keys.append(key)
+        if key == "paths.data_dir":  # the run's data.data_dir is a resolved path
+            keys.append("data.data_dir")
+            raw["data"]["data_dir"] = "${paths.data_dir}"
+    for key in keys:
+        OmegaConf.update(merged, key, _raw(raw, key), merge=False)
+    return merged
+
+
+def _device(accelerator: str) -> torch.device:
+    if accelerator == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device("cpu" if accelerator == "cpu" else "cuda")
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -46,13 +85,15 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Every measurement of the issue, for the checkpoint ``cfg.ckpt_path``."""
+    """Every measurement of ``vae_lightning.evaluation`` for the checkpoint ``cfg.ckpt_path``,
+    with ``cfg`` a training run's config (see ``run_config``)."""
     L.seed_everything(cfg.seed)
-    device = _device(cfg.device)
+    device = _device(cfg.trainer.accelerator)
     output_dir = Path(cfg.paths.output_dir)
+    save_resolved_config(cfg, output_dir)
     ckpt_path = Path(cfg.ckpt_path).resolve()
     vae = VAELitModule.load_from_checkpoint(ckpt_path, map_location=device).vae.eval()
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg, "data")
     datamodule.prepare_data()
     datamodule.setup("test")
     images = datamodule.test_set.tensors[0][: cfg.eval.limit]
@@ -63,7 +104,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results |= likelihood_metrics(
         vae,
         images,
-        batch_size=settings.batch_size,
+        batch_size=cfg.data.batch_size,
         num_samples=settings.num_samples,
         max_batch=settings.max_batch,
         dequantize=cfg.data.dequantize,
@@ -75,17 +116,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if settings.fid.enabled:
         metric = fid_metric(settings.fid.feature_extractor, settings.fid.inception_weights)
         if metric is not None:
-            results |= fid_scores(metric, vae, images, settings.batch_size)
+            results |= fid_scores(metric, vae, images, cfg.data.batch_size)
     grids = save_grids(
         vae, images, output_dir / "images", torch.tensor(results["mu_variance_per_dim"])
     )
 
     (output_dir / "eval.json").write_text(json.dumps(results, indent=2))
     print_table(results)
+    wandb_mode = OmegaConf.select(cfg, "logger.wandb.mode", default=None) or "disabled"
     run = start_eval_run(
         ckpt_path.parent.parent,
         output_dir,
-        settings.wandb_mode,
+        wandb_mode,
         OmegaConf.to_container(cfg, resolve=True),
     )
     if run is not None:
@@ -101,14 +143,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
+    quiet_third_party_warnings()
+    with one_line_errors():
+        validate_eval_config(cfg)  # ckpt_path first: the run's config is found through it
+        cfg = run_config(cfg, list(HydraConfig.get().overrides.task))
         validate_eval_config(cfg)
         evaluate(cfg)
-    except ConfigError as err:
-        raise SystemExit(f"Invalid configuration: {err}") from None
-    except DatasetNotFoundError as err:
-        raise SystemExit(f"Error: {err}") from None
 
 
 if __name__ == "__main__":
+    check_plugins(sys.argv[1:])
     main()

@@ -7,12 +7,14 @@ combination of the other swept parameters) into the multirun folder, and prints 
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 from matplotlib.figure import Figure
+
+from vae_lightning.cli import one_line_errors
+from vae_lightning.launch.run_files import RunFilesNotFoundError
 
 METRICS = (
     "val/bpd",
@@ -106,7 +108,10 @@ def write_report(sweep_dir: Path, output_dir: Path | None = None) -> list[Path]:
     output_dir = output_dir or sweep_dir
     jobs = load_jobs(sweep_dir)
     if not jobs:
-        raise FileNotFoundError(f"no job folders with .hydra/overrides.yaml in {sweep_dir}")
+        raise RunFilesNotFoundError(
+            f"{sweep_dir} holds no job folders (<job>/.hydra/overrides.yaml): give the folder "
+            "of a sweep, outputs/multiruns/<date>/<time>"
+        )
     params = swept_parameters(jobs)
     rows = table_rows(jobs, params)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -138,10 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--output-dir", type=Path, default=None, help="default: the sweep folder")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         written = write_report(args.sweep_dir, args.output_dir)
-    except FileNotFoundError as err:
-        sys.exit(f"Error: {err}")
     print(written[0].read_text(), end="")
     print(f"\nWrote {len(written)} files to {written[0].parent}")
 

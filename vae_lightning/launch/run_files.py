@@ -8,6 +8,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 
+class RunFilesNotFoundError(FileNotFoundError):
+    """A folder holds none of the run files a command reads; the message names it."""
+
+
 def last_checkpoint(output_dir: str | Path) -> str | None:
     """``<output_dir>/checkpoints/last.ckpt`` if it exists: a requeued or re-run job resumes
     from it."""
