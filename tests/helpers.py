@@ -2,6 +2,7 @@
 a user does, reading what a run leaves on disk, and small model configs."""
 
 import csv
+import json
 import os
 import pickle
 import subprocess
@@ -9,15 +10,19 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
 from vae_lightning.cli import CONFIG_DIR
 from vae_lightning.data.cifar10 import BASE_FOLDER, TEST_FILES, TRAIN_FILES
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+"""The project's folder: on PYTHONPATH in commands the tests run, for their test callbacks."""
+REAL_DATA = ROOT.parent / "shared" / "data"
 
 
 def write_cifar10(root: Path, images_per_file: int = 16, seed: int = 0) -> Path:
@@ -42,6 +47,7 @@ def cli_env(home: Path) -> dict[str, str]:
     """The environment of a new user without a W&B account, and no network."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(home), PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("NETRC", None)
     return env
 
@@ -70,17 +76,17 @@ def run_module(
 
 
 def start_train(
-    args: list[str], cwd: Path, extra_env: dict[str, str] | None = None
+    args: list[str], cwd: Path, extra_env: dict[str, str] | None = None, stdout=subprocess.PIPE
 ) -> subprocess.Popen:
     """Start ``python -m vae_lightning.train ARGS`` in ``cwd`` without waiting; its stdout and
-    stderr come together as text on ``stdout``."""
+    stderr come together as text on ``stdout`` (a pipe, or an open file)."""
     cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [sys.executable, "-m", "vae_lightning.train", *args],
         cwd=cwd,
         env=cli_env(cwd) | (extra_env or {}),
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -157,3 +163,86 @@ def composed(*overrides: str, hydra: bool = False):
     """The train config as Hydra composes it for these overrides."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+class NonFiniteBatchAt(L.Callback):
+    """Test callback, added from the command line: make rank ``rank``'s batch NaN at global
+    step ``step``, so that its loss is NaN (the other ranks' stays finite). After that step it
+    writes ``nonfinite_rank<r>.json`` to the working directory: whether the step changed the
+    module's state (weights and buffers such as sigma) and the optimizer's state."""
+
+    def __init__(self, step: int, rank: int = 0) -> None:
+        if step < 0:
+            raise ValueError(f"step={step}: it must be an integer >= 0")
+        self.step, self.rank = step, rank
+        self._before: tuple[dict, dict] | None = None
+
+    @staticmethod
+    def _state(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[dict, dict]:
+        weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        optimizer = {
+            (i, k): v.clone() if torch.is_tensor(v) else v
+            for i, state in enumerate(trainer.optimizers[0].state.values())
+            for k, v in state.items()
+        }
+        return weights, optimizer
+
+    @staticmethod
+    def _same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(
+            torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a
+        )
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self._before = self._state(trainer, pl_module)
+            if trainer.global_rank == self.rank:
+                batch[0].fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._before is None:
+            return
+        after = self._state(trainer, pl_module)
+        report = {
+            "weights_unchanged": self._same(self._before[0], after[0]),
+            "optimizer_unchanged": self._same(self._before[1], after[1]),
+            "all_finite": all(torch.isfinite(v).all().item() for v in after[0].values()),
+        }
+        Path(f"nonfinite_rank{trainer.global_rank}.json").write_text(json.dumps(report))
+        self._before = None
+
+
+def nonfinite_batch_at(step: int, rank: int = 0) -> list[str]:
+    """The overrides that add ``NonFiniteBatchAt`` to a run."""
+    target = f"{__name__}.{NonFiniteBatchAt.__name__}"
+    return [
+        f"+callbacks.nonfinite._target_={target}",
+        f"+callbacks.nonfinite.step={step}",
+        f"+callbacks.nonfinite.rank={rank}",
+    ]
+
+
+class WandbFailsAt(L.Callback):
+    """Test callback, added from the command line: from global step ``step`` on, the W&B run's
+    ``log`` raises wandb's ``CommError``, as when its service dies or the network breaks."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step or trainer.global_rank != 0:
+            return
+        from wandb.errors import CommError
+
+        def broken(*args, **kwargs):
+            raise CommError("network is unreachable")
+
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "FallbackWandbLogger":
+                logger.experiment.log = broken
+
+
+def wandb_fails_at(step: int) -> list[str]:
+    """The overrides that add ``WandbFailsAt`` to a run."""
+    target = f"{__name__}.{WandbFailsAt.__name__}"
+    return [f"+callbacks.wandb_fails._target_={target}", f"+callbacks.wandb_fails.step={step}"]

@@ -3,6 +3,7 @@
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,6 +166,21 @@ def test_ddp_inside_a_multirun_gives_one_folder_and_one_wandb_run_per_job(cifar_
     assert proc.stdout.count("Launching 2 jobs locally") == 1
 
 
+@pytest.fixture(scope="module")
+def trained_learned_sigma(cifar_dir, tmp_path_factory) -> tuple[list[str], Path]:
+    """The arguments of a one-epoch run with H = 8 and a learned sigma, and its last.ckpt."""
+    args = [
+        f"data.data_dir={cifar_dir}",
+        "logger=csv",
+        *SHORT,
+        "model.latent_dim=8",
+        "model.sigma_mode=learned",
+    ]
+    cwd = tmp_path_factory.mktemp("learned_sigma")
+    run_train(args, cwd=cwd)
+    return args, single_run(cwd) / "checkpoints" / "last.ckpt"
+
+
 def test_resume_from_last_checkpoint_continues_where_it_stopped(cifar_dir, tmp_path):
     args = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT[1:]]
     run_train([*args, "trainer.max_epochs=1"], cwd=tmp_path / "first")
@@ -251,26 +267,61 @@ def test_smoke_on_real_cifar10(tmp_path):
     assert 3.0 < bpd < 11.0, bpd  # 8 bits is a uniform density; 20 steps get near it
 
 
-def test_resume_refuses_a_checkpoint_of_another_model_and_keeps_it(cifar_dir, tmp_path):
-    args = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT, "model.latent_dim=8"]
-    run_train(args, cwd=tmp_path / "first")
-    last = single_run(tmp_path / "first") / "checkpoints" / "last.ckpt"
+@pytest.mark.parametrize(
+    ("changed", "expected"),
+    [
+        (
+            ["model.latent_dim=16"],
+            ["model.latent_dim: checkpoint 8, this run 16"],
+        ),
+        (
+            ["model/arch=mlp"],
+            [
+                "model.arch.encoder._target_: checkpoint "
+                "vae_lightning.core.architectures.ConvEncoder, this run "
+                "vae_lightning.core.architectures.MLPEncoder",
+            ],
+        ),
+        (
+            ["model.sigma_mode=fixed", "model.sigma=0.2"],
+            [
+                "model.sigma: checkpoint 0.1, this run 0.2",
+                "model.sigma_mode: checkpoint learned, this run fixed",
+            ],
+        ),
+        (
+            ["model.optimizer._target_=torch.optim.SGD"],
+            ["model.optimizer._target_: checkpoint torch.optim.Adam, this run torch.optim.SGD"],
+        ),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_another_model_and_keeps_it(
+    trained_learned_sigma, tmp_path, changed, expected
+):
+    args, last = trained_learned_sigma
     before = last.read_bytes()
-    proc = run_train(
-        [*args, "model.latent_dim=16", "model/arch=mlp", f"ckpt_path={last}"],
-        cwd=tmp_path / "second",
-        expect_ok=False,
-    )
+    proc = run_train([*args, *changed, f"ckpt_path={last}"], cwd=tmp_path, expect_ok=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert (
-        f"ckpt_path={last} holds a different model (model.latent_dim: checkpoint 8" in proc.stderr
-    )
-    assert (
-        "model.arch: checkpoint {'encoder': {'_target_': 'vae_lightning.core.architectures.ConvEncoder'"
-        in proc.stderr
-    )
+    assert f"ckpt_path={last} holds a different model (" in proc.stderr
+    for difference in expected:
+        assert difference in proc.stderr
     assert last.read_bytes() == before
-    assert not list((tmp_path / "second").glob("outputs/runs/*/*/checkpoints"))
+    assert not list(tmp_path.glob("outputs/runs/*/*/checkpoints"))
+
+
+def test_resume_applies_settings_that_may_change(trained_learned_sigma, tmp_path):
+    """A new learning rate reaches the restored optimizer; batch size, epochs, beta and the
+    logger may change too."""
+    args, last = trained_learned_sigma
+    changed = ["model.optimizer.lr=0.0005", "data.batch_size=8", "trainer.max_epochs=2"]
+    proc = run_train(
+        [*args, *changed, "model.beta=0.5", "logger=none", f"ckpt_path={last}"], tmp_path
+    )
+    assert "model.optimizer.lr=0.0005 (the checkpoint had 0.001)" in proc.stdout
+    (run,) = tmp_path.glob("outputs/runs/*/*")
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0005
+    assert resumed["global_step"] == 5 + 9  # 72 images: 5 steps of 16, then 9 of 8
 
 
 def test_resume_refuses_a_file_that_is_no_checkpoint(cifar_dir, tmp_path):

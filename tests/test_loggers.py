@@ -101,7 +101,7 @@ def test_wandb_failing_mid_run_goes_offline_and_training_goes_on(
     import lightning as L
     import wandb
 
-    from tests.test_model import ADAM, MLP
+    from tests.helpers import ADAM, MLP
     from vae_lightning.data.cifar10 import CIFAR10DataModule
     from vae_lightning.training.lit_module import VAELitModule
 

@@ -102,7 +102,7 @@ def test_optimal_sigma_uses_per_image_mse_and_reports_with_a_running_sigma():
     # Reported likelihoods use the data-independent sigma (here still its start value 0.5).
     assert module.vae.decoder_log_sigma().exp().item() == pytest.approx(0.5)
     # A training step moves sigma^2 towards the batch MSE by the momentum.
-    module.vae.update_running_sigma(terms["squared_error"], D)
+    module.vae.update_running_sigma(terms["squared_error"].mean() / D)
     expected = 0.25 + 0.01 * (mse.mean().item() - 0.25)
     assert module.vae.decoder_log_sigma().exp().item() ** 2 == pytest.approx(expected)
 

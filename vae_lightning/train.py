@@ -54,6 +54,9 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
 
+    if rank_zero_only.rank == 0:  # a missing or damaged dataset stops here, before DDP starts
+        datamodule.prepare_data()
+        datamodule.setup("fit" if not cfg.test else None)
     metrics: dict[str, float] = {}
     try:
         with isolated_ddp_job():
@@ -84,7 +87,8 @@ def main(cfg: DictConfig) -> float | None:
         wandb_run_id = check_resume_checkpoint(cfg)
         with gpu_of_its_own(cfg):
             metrics = train(cfg, wandb_run_id)
-    log.info(f"Run folder: {cfg.paths.output_dir}")
+    if rank_zero_only.rank == 0:
+        log.info(f"Run folder: {cfg.paths.output_dir}")
     return metrics.get(cfg.optimized_metric)
 
 

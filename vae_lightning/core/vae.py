@@ -151,11 +151,11 @@ class VAE(nn.Module):
         return 0.5 * torch.log((squared_error / num_dims).clamp_min(SIGMA_MIN**2))
 
     @torch.no_grad()
-    def update_running_sigma(self, squared_error: Tensor, num_dims: int) -> None:
-        """In ``optimal`` mode, move sigma^2 towards this batch's mean per-pixel MSE."""
+    def update_running_sigma(self, batch_mse: Tensor) -> None:
+        """In ``optimal`` mode, move sigma^2 towards ``batch_mse``, the batch's mean per-pixel
+        squared error (under DDP, the global batch's, so that every rank keeps the same sigma)."""
         if self.sigma_mode != "optimal":
             return
         variance = torch.exp(2.0 * self.log_sigma)
-        batch_mse = squared_error.mean() / num_dims
         variance = variance + self.sigma_momentum * (batch_mse - variance)
         self.log_sigma.copy_(0.5 * torch.log(variance))

@@ -1,7 +1,9 @@
 """DDP inside a Hydra multirun: each sweep job starts its own ranks, for that job only."""
 
 import os
+import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -32,8 +34,8 @@ def isolated_ddp_job() -> Iterator[None]:
     set to HydraConfig's ``run.dir``. In a multirun, that argv holds ``-m`` and the whole sweep,
     and ``run.dir`` is a fresh dated folder, so every rank would start its own sweep in new
     folders. Here argv becomes this job's overrides and ``run.dir`` this job's output folder.
-    Afterwards the process group and the variables the launcher set (``MASTER_PORT``, ...) are
-    removed, so that the next job of the sweep starts its own.
+    Afterwards the other ranks have ended, and the process group and the variables the
+    launcher set (``MASTER_PORT``, ...) are removed, so that the next job starts its own.
     """
     hydra_cfg = HydraConfig.get()
     saved_argv, saved_dir, saved_env = sys.argv, hydra_cfg.run.dir, dict(os.environ)
@@ -44,6 +46,7 @@ def isolated_ddp_job() -> Iterator[None]:
     try:
         yield
     finally:
+        _end_other_ranks()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         os.environ.clear()
@@ -51,3 +54,21 @@ def isolated_ddp_job() -> Iterator[None]:
         sys.argv = saved_argv
         with read_write(hydra_cfg):
             hydra_cfg.run.dir = saved_dir
+
+
+def _end_other_ranks(timeout_s: float = 60.0) -> None:
+    """Wait for the ranks Lightning started for this job to end (killing any still running
+    after ``timeout_s``), having first stopped the thread that watches them. That thread kills
+    the whole process, and with it the rest of a sweep, once a rank exits with an error, which
+    is how the other ranks of a failed job end."""
+    for thread in threading.enumerate():
+        if thread.name != "child-process-observer":
+            continue
+        ranks = getattr(thread, "_child_processes", [])
+        watched, ranks[:] = list(ranks), []  # with none left to watch, its next poll ends it
+        for proc in watched:
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -8,6 +8,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, ValidationError
 
@@ -16,8 +17,9 @@ from vae_lightning.launch.multirun import is_multirun
 log = logging.getLogger(__name__)
 
 
-class JobFailed(RuntimeError):
-    """A sweep job stopped for a reason already explained in its message (no traceback needed)."""
+class JobFailed(CompactHydraException):
+    """A sweep job stopped for a reason its message explains: Hydra shows the message alone,
+    without a traceback, when it reports the failed job at the end of the sweep."""
 
 
 class RecordFailedJobs(Callback):

@@ -1,6 +1,9 @@
 """Training callbacks: image grids (PNG and loggers) and a checkpoint when a run is preempted."""
 
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 
 import lightning as L
 import torch
@@ -39,6 +42,7 @@ class ImageGrids(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         is_last = (trainer.max_epochs or -1) > 0 and epoch + 1 >= trainer.max_epochs
+        is_last |= 0 < trainer.max_steps <= trainer.global_step
         if trainer.sanity_checking or self._originals is None:
             return
         if (epoch + 1) % self.every_n_epochs == 0 or is_last or trainer.should_stop:
@@ -67,14 +71,36 @@ class ImageGrids(L.Callback):
 
 class CheckpointOnPreemption(L.Callback):
     """When a run is stopped from outside, saves the checkpoint ``path`` at the current step so
-    that the run resumes from there: on SIGTERM (a cluster's preemption notice, ``kill``), which
-    Lightning turns into a stop at the next step, and on the ``SystemExit`` that submitit raises
-    when SLURM warns of a time-out (it requeues the job, which then resumes from ``path``).
-    The checkpoint also carries the W&B run id, so the resumed run logs to the same W&B run."""
+    that the run resumes from there: on SIGTERM (a cluster's preemption notice, ``kill``), and on
+    the ``SystemExit`` that submitit raises when SLURM warns of a time-out (it requeues the job,
+    which then resumes from ``path``). The checkpoint also carries the W&B run id, so the
+    resumed run logs to the same W&B run.
+
+    Under DDP every rank stops after the same step: SIGTERM only takes note on the rank that
+    gets it, and after each step the ranks agree (one all-reduce) whether any of them got it.
+    Lightning's own SIGTERM handler, which this one replaces during training, runs collectives
+    inside the handler and forwards the signal, so ranks could stop at different steps and the
+    run would crash instead of saving.
+    """
 
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
+        self._sigterm = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def _note_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self._sigterm = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = self._sigterm
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:  # Lightning stops every rank after this step with a SIGTERMException
+            trainer._signal_connector.received_sigterm = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
         if isinstance(exception, SIGTERMException | SystemExit):

@@ -111,9 +111,12 @@ class VAELitModule(L.LightningModule):
         loss = terms["loss"].mean()
         self._skip_update = False
         if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            self.vae.update_running_sigma(terms["squared_error"], x[0].numel())
             means = self._global_batch_means(terms)
+            self.vae.update_running_sigma(means["train/recon_mse"])
+            means["train/sigma"] = self.vae.decoder_log_sigma().detach().exp()
             self.log("train/loss", means.pop("train/loss"), on_step=True, prog_bar=True)
+            if self.nonfinite_loss == "skip":
+                means["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
             self.log_dict(means, on_step=True, on_epoch=False)
             return loss
         if self.nonfinite_loss == "skip":
@@ -124,8 +127,9 @@ class VAELitModule(L.LightningModule):
             if last
             else "no checkpoint was written yet: restart with"
         )
+        value = "not finite on another DDP rank" if torch.isfinite(loss) else loss.item()
         raise NonFiniteLossError(
-            f"The loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+            f"The loss is {value} at step {self.global_step} (epoch {self.current_epoch}); "
             f"{what_now} a lower model.optimizer.lr, or set model.nonfinite_loss=skip."
         )
 
@@ -135,14 +139,19 @@ class VAELitModule(L.LightningModule):
         Every rank still runs a backward pass, of a zero that depends on every parameter, so
         that DDP's gradient all-reduce happens as usual; ``on_before_optimizer_step`` then drops
         the gradients, and the optimizer leaves the weights and its own state as they were.
-        Nothing of the step is logged but the count of skipped steps.
+        Nothing of the step is logged but the count of skipped steps (logged at every step in
+        ``skip`` mode).
         """
         self._skip_update = True
         self.nonfinite_skipped += 1
-        log.warning(
-            f"Non-finite loss at step {self.global_step}: step skipped "
-            f"({self.nonfinite_skipped} so far)."
-        )
+        if self.global_rank == 0:
+            log.warning(
+                f"Non-finite loss at step {self.global_step}: step skipped on every rank "
+                f"({self.nonfinite_skipped} so far)."
+            )
+        for key, result in self.trainer._results.items():
+            if key.startswith("training_step.train/"):  # Lightning would log them again
+                result.reset()
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
         return 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
 
@@ -171,18 +180,16 @@ class VAELitModule(L.LightningModule):
 
     def _global_batch_means(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """``train/{name}`` means over the global batch (all ranks' images, one all-reduce of
-        the sums and the count), and ``train/sigma``."""
+        the sums and the count)."""
         per_rank = [terms[name].detach().sum() for name in METRICS]
         count = torch.full((), float(terms["loss"].numel()), device=per_rank[0].device)
         sums = torch.stack([*per_rank, count]).float()
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        means = {
+        return {
             f"train/{name}": total / sums[-1]
             for name, total in zip(METRICS, sums[:-1], strict=True)
         }
-        means["train/sigma"] = self.vae.decoder_log_sigma().detach().exp()
-        return means
 
     def _last_checkpoint(self) -> str | None:
         paths = [
