@@ -246,3 +246,27 @@ def wandb_fails_at(step: int) -> list[str]:
     """The overrides that add ``WandbFailsAt`` to a run."""
     target = f"{__name__}.{WandbFailsAt.__name__}"
     return [f"+callbacks.wandb_fails._target_={target}", f"+callbacks.wandb_fails.step={step}"]
+
+
+def descendants(pid: int) -> list[int]:
+    """The ids of the processes below ``pid`` (its children, theirs, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

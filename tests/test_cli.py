@@ -1,7 +1,11 @@
 """``python -m vae_lightning.train`` as a user runs it, on a tiny CIFAR-10 written by the tests."""
 
+import os
+import pty
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from tests.helpers import (
     SHORT,
     SPLITS_AND_METRICS,
     assert_run_folder,
+    cli_env,
     last_value,
     metrics_csv,
     resolved,
@@ -453,3 +458,38 @@ def test_unknown_groups_and_options_are_named_before_anything_runs(
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert expected in proc.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_no_epoch_limit_writes_image_grids_every_n_epochs_and_at_the_end(cifar_dir, tmp_path):
+    args = [f"data.data_dir={cifar_dir}", "logger=none", *SHORT[1:], "trainer.max_epochs=-1"]
+    run_train([*args, "trainer.max_steps=35", "callbacks.image_grids.every_n_epochs=5"], tmp_path)
+    images = sorted(p.name for p in (single_run(tmp_path) / "images").glob("samples_*.png"))
+    assert images == ["samples_epoch=004.png", "samples_epoch=006.png"]  # 5 steps per epoch
+
+
+def test_in_a_terminal_the_bar_shows_the_training_loss_and_the_last_val_bpd(cifar_dir, tmp_path):
+    """stdout is a pseudo-terminal here, as in an interactive shell."""
+    main, terminal = pty.openpty()
+    args = [f"data.data_dir={cifar_dir}", "logger=none", *SHORT, "test=false"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vae_lightning.train", *args],
+        cwd=tmp_path,
+        env=cli_env(tmp_path) | {"COLUMNS": "200"},
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the terminal closed: the command ended
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert proc.wait(timeout=120) == 0
+    text = output.decode(errors="replace")
+    assert "train/loss:" in text and "val/bpd:" in text
+    assert "(end) step" not in text  # the plain lines are for output that goes to a file

@@ -1,8 +1,9 @@
 """Scale-out through Hydra plugins: submitit (SLURM's local stand-in), joblib and Optuna."""
 
 import json
+import os
 import re
-import subprocess
+import signal
 
 import optuna
 import pytest
@@ -12,6 +13,8 @@ import yaml
 from tests.helpers import (
     SHORT,
     assert_run_folder,
+    command_line,
+    descendants,
     metrics_csv,
     resolved,
     run_train,
@@ -41,8 +44,11 @@ def test_submitit_local_runs_each_job_and_a_requeued_job_resumes_from_its_checkp
     ]
     sweep = start_train(args, tmp_path)
     wait_for_files(sweep, tmp_path, "outputs/multiruns/*/*/*/checkpoints/last.ckpt", count=2)
-    # the job processes submitit started (not the sweep, nor submitit's local controller)
-    subprocess.run(["pkill", "-USR2", "-f", "submitit.core._submit"], check=True)
+    # the job processes this sweep's submitit started (not the sweep, nor its local controller)
+    jobs = [p for p in descendants(sweep.pid) if "submitit.core._submit" in command_line(p)]
+    assert len(jobs) == 2
+    for pid in jobs:
+        os.kill(pid, signal.SIGUSR2)
     output, _ = sweep.communicate(timeout=240)
     assert sweep.returncode == 0, output
 

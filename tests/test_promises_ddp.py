@@ -2,6 +2,7 @@
 CPU), through the command line, with the output going to a file as on a cluster."""
 
 import json
+import shutil
 import signal
 
 import pytest
@@ -173,3 +174,14 @@ def test_bad_settings_under_ddp_fail_before_any_process_starts(cifar_dir, tmp_pa
     assert "model.latent_dim=0 is not allowed" in proc.stderr
     assert "distributed_backend" not in proc.stdout + proc.stderr
     assert not list(tmp_path.glob("outputs/runs/*/*/checkpoints"))
+
+
+def test_a_damaged_dataset_under_ddp_is_named_before_any_process_starts(cifar_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(cifar_dir, data)
+    batch = data / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:1000])
+    code, output = train_to_file([*DDP, f"data.data_dir={data}", "logger=csv"], tmp_path)
+    assert code != 0 and "Traceback" not in output
+    assert output.count(f"Error: {batch} is not a CIFAR-10 batch") == 1
+    assert "distributed_backend" not in output

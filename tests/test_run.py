@@ -1,5 +1,7 @@
 """Run bookkeeping for scaled-out sweeps: plugins, GPU slots, SLURM settings, requeued jobs."""
 
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import threading
 import time
@@ -13,7 +15,7 @@ from omegaconf import OmegaConf
 from tests.helpers import composed
 from vae_lightning.launch import gpu_slots, plugins
 from vae_lightning.launch.gpu_slots import claim_slot
-from vae_lightning.launch.hydra_callbacks import CheckBeforeLaunch
+from vae_lightning.launch.hydra_callbacks import CheckBeforeLaunch, record_failure
 from vae_lightning.launch.plugins import check_plugins
 from vae_lightning.launch.run_files import last_checkpoint
 from vae_lightning.training.lit_module import VAELitModule
@@ -169,3 +171,29 @@ def test_each_ddp_rank_draws_its_own_noise(monkeypatch):
         module.on_fit_start()
         draws.append(torch.randn(8))
     assert not torch.equal(draws[0], draws[1])
+
+
+def _record_failures(path: str, worker: int, start: multiprocessing.synchronize.Barrier) -> None:
+    start.wait()
+    for entry in range(5):
+        record_failure(Path(path), {"job": worker, "entry": entry})
+
+
+def test_jobs_failing_at_the_same_time_lose_no_entry(tmp_path):
+    """Parallel launchers (joblib, submitit) record failures from separate processes."""
+    path = tmp_path / "failed_jobs.yaml"
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(8)
+    workers = [
+        context.Process(target=_record_failures, args=(str(path), worker, start))
+        for worker in range(8)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    entries = OmegaConf.to_container(OmegaConf.load(path))
+    assert sorted((e["job"], e["entry"]) for e in entries) == [
+        (job, entry) for job in range(8) for entry in range(5)
+    ]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [path.name]
