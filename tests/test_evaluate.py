@@ -100,7 +100,8 @@ def test_evaluate_starts_from_the_training_runs_config(cifar_dir, tmp_path):
     train_args = [f"data.data_dir={cifar_dir}", *TRAIN, "model.latent_dim=2"]
     run_train([*train_args, "data.dequantize=false", "seed=5"], cwd=tmp_path / "train")
     ckpt = next((tmp_path / "train").glob("outputs/runs/*/*/checkpoints/last.ckpt"))
-    args = [f"ckpt_path={ckpt}", "eval.limit=8", "eval.num_samples=2", "eval.fid.enabled=false"]
+    args = [f"ckpt_path={ckpt}", "eval.limit=8", "eval.num_samples=2", "eval.grid_points=8"]
+    args.append("eval.fid.enabled=false")
     run_module("vae_lightning.evaluate", args, cwd=tmp_path / "plain")
     plain = yaml.safe_load((eval_output(tmp_path / "plain") / "config.yaml").read_text())
     assert plain["data"]["dequantize"] is False and plain["seed"] == 5
