@@ -39,6 +39,9 @@ def test_defaults_are_valid():
         ("data.data_dir=[a,b]", "data.data_dir", "a folder path"),
         ("paths.output_root=", "paths.output_root", "a folder path"),
         ("tags=baseline", "tags", "a list of names"),
+        ("model.free_bits=-1", "model.free_bits", ">= 0"),
+        ("model.skip_grad_norm=0", "model.skip_grad_norm", "null or > 0"),
+        ("model.kl_schedule.kind=cosine", "model.kl_schedule.kind", "constant, linear, cyclical"),
     ],
 )
 def test_bad_values_name_key_and_allowed_values(override, key, allowed):
@@ -94,3 +97,9 @@ def test_settings_a_constructor_refuses_name_the_group_and_the_reason(
     assert message.startswith(f"{key} was refused by ") and reason in message, message
     assert f"Fix the {key}.* settings" in message
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_cyclical_schedule_needs_a_run_of_known_length():
+    cfg = composed("model.kl_schedule.kind=cyclical", "trainer.max_epochs=-1")
+    with pytest.raises(ConfigError, match="needs a run of known length"):
+        validate_config(cfg)

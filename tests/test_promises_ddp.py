@@ -188,3 +188,27 @@ def test_a_damaged_dataset_under_ddp_is_named_before_any_process_starts(cifar_di
     assert code != 0 and "Traceback" not in output
     assert output.count(f"Error: {batch} is not a CIFAR-10 batch") == 1
     assert "distributed_backend" not in output
+
+
+@with_processes
+def test_updates_over_the_gradient_norm_threshold_are_skipped_on_every_rank(
+    cifar_dir, tmp_path, world_size, processes
+):
+    """With a threshold no gradient meets, no update happens on any rank; the skips are
+    counted. (The test callback records step 2 without making any batch NaN: rank -1.)"""
+    args = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT[:3], *processes]
+    args += ["model.skip_grad_norm=1e-9", *nonfinite_batch_at(2, rank=-1)]
+    code, output = train_to_file(args, tmp_path)
+    assert code == 0, output
+    ranks = sorted(tmp_path.glob("nonfinite_rank*.json"))
+    assert len(ranks) == world_size
+    for rank in ranks:
+        assert json.loads(rank.read_text()) == {
+            "weights_unchanged": True,
+            "optimizer_unchanged": True,
+            "all_finite": True,
+        }, rank.name
+    rows = metrics_csv(single_run(tmp_path))
+    skipped = [float(r["train/skipped_updates"]) for r in rows if r.get("train/skipped_updates")]
+    assert skipped == [1, 2, 3, 4, 5]
+    assert all(float(r["train/grad_norm"]) > 1e-9 for r in rows if r.get("train/grad_norm"))

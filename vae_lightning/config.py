@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from vae_lightning.core.kl_schedule import KINDS as KL_KINDS
 from vae_lightning.core.vae import SIGMA_MODES
 from vae_lightning.launch.run_files import flatten
 from vae_lightning.training.loggers import WANDB_MODES
@@ -98,6 +99,23 @@ def validate_config(cfg: DictConfig) -> None:
         _check(_is_real(value) and value > 0, key, value, "a number > 0")
     beta = _get(cfg, "model.beta")
     _check(_is_real(beta) and beta >= 0, "model.beta", beta, "a number >= 0")
+    free_bits = _get(cfg, "model.free_bits")
+    _check(_is_real(free_bits) and free_bits >= 0, "model.free_bits", free_bits, "a number >= 0")
+    skip = _get(cfg, "model.skip_grad_norm")
+    _check(
+        skip is None or (_is_real(skip) and skip > 0), "model.skip_grad_norm", skip, "null or > 0"
+    )
+    kind = _get(cfg, "model.kl_schedule.kind")
+    _check(kind in KL_KINDS, "model.kl_schedule.kind", kind, f"one of {', '.join(KL_KINDS)}")
+    if (
+        kind == "cyclical"
+        and _get(cfg, "trainer.max_epochs") == -1
+        and _get(cfg, "trainer.max_steps") == -1
+    ):
+        raise ConfigError(
+            "model.kl_schedule.kind=cyclical needs a run of known length: set trainer.max_epochs "
+            "or trainer.max_steps."
+        )
     nonfinite = _get(cfg, "model.nonfinite_loss")
     _check(nonfinite in ("stop", "skip"), "model.nonfinite_loss", nonfinite, "stop or skip")
     mode = _get(cfg, "model.sigma_mode")
@@ -141,10 +159,20 @@ def _check_wandb_mode(cfg: DictConfig) -> None:
         _check(mode in WANDB_MODES, "logger.wandb.mode", mode, f"one of {WANDB_MODES}")
 
 
-RESUMABLE_CHANGES = ("optimizer.", "beta", "compile", "nonfinite_loss", "arch.channels_last")
+RESUMABLE_CHANGES = (
+    "optimizer.",
+    "beta",
+    "kl_schedule.",
+    "free_bits",
+    "skip_grad_norm",
+    "compile",
+    "nonfinite_loss",
+    "arch.channels_last",
+)
 """Model settings a resumed run may change: optimizer settings other than its class (the new
-values are applied to the restored optimizer), the KL weight, compilation, what a non-finite
-loss does, and the memory layout. Every other setting shapes the parameters or what they mean."""
+values are applied to the restored optimizer), the KL weight and its schedule, free bits, the
+update-skipping threshold, compilation, what a non-finite loss does, and the memory layout.
+Every other setting shapes the parameters or what they mean."""
 
 
 def _flat_model_settings(model: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from vae_lightning.core.elbo import (
     bits_per_dim,
-    kl_to_standard_normal,
+    kl_per_dimension,
     log_likelihood_from_squared_error,
     squared_error,
 )
@@ -100,11 +100,14 @@ class VAE(nn.Module):
             squared_error(x, x_hat), x[0].numel(), self.decoder_log_sigma()
         )
 
-    def elbo_terms(self, x: Tensor, beta: float = 1.0) -> ELBOTerms:
+    def elbo_terms(self, x: Tensor, beta: float = 1.0, free_bits: float = 0.0) -> ELBOTerms:
         """The ELBO's terms for a batch ``x``, from one reparameterized posterior sample.
 
-        The networks may run in reduced precision (bf16 autocast); every reduction runs in the
-        precision of ``x`` (fp32).
+        ``free_bits`` (lambda, nats): the loss's KL is ``sum_j max(lambda, mean_batch KL_j)``
+        (Kingma et al. 2016), so a latent dimension whose batch-mean KL is under the floor gets
+        no gradient from it; the reported ``kl`` and ``elbo`` use the true KL. The networks may
+        run in reduced precision (bf16 autocast); every reduction runs in the precision of
+        ``x`` (fp32).
         """
         x_hat, mu, logvar, _ = self(x)
         x_hat, mu, logvar = (
@@ -112,7 +115,12 @@ class VAE(nn.Module):
         )
         num_dims = x[0].numel()
         sq_err = squared_error(x, x_hat)
-        kl = kl_to_standard_normal(mu, logvar)
+        kl_per_dim = kl_per_dimension(mu, logvar)
+        kl = kl_per_dim.sum(dim=1)
+        if free_bits > 0:
+            loss_kl = kl_per_dim.mean(dim=0).clamp_min(free_bits).sum().expand_as(kl)
+        else:
+            loss_kl = kl
         log_sigma = self.fitted_log_sigma(sq_err, num_dims)
         recon = 0.5 * sq_err * torch.exp(-2.0 * log_sigma)
         if self.sigma_mode != "fixed":
@@ -120,7 +128,7 @@ class VAE(nn.Module):
         log_px_z = log_likelihood_from_squared_error(sq_err, num_dims, self.decoder_log_sigma())
         elbo = log_px_z - kl
         return ELBOTerms(
-            loss=recon + beta * kl,
+            loss=recon + beta * loss_kl,
             log_likelihood=log_px_z,
             kl=kl,
             elbo=elbo,

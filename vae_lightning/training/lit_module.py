@@ -1,7 +1,9 @@
 """The LightningModule: a VAE, its training loss, and the honest per-split metrics."""
 
 import logging
+import math
 import os
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from vae_lightning.core.kl_schedule import KLSchedule
 from vae_lightning.core.vae import VAE, SigmaMode
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,11 @@ def _to_plain(config: Mapping[str, Any]) -> dict[str, Any]:
     return dict(config)
 
 
+STUCK_WINDOW = 100
+STUCK_SHARE = 0.5
+"""Warn once when more than this share of the last STUCK_WINDOW updates were skipped."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
@@ -40,7 +48,9 @@ class VAELitModule(L.LightningModule):
     ``optimizer`` is a partial optimizer config, so the module is rebuilt from its checkpoint's
     hyperparameters alone. ``compile`` compiles encoder and decoder with ``torch.compile``.
     A NaN or infinite loss stops training with ``NonFiniteLossError`` (``nonfinite_loss="stop"``)
-    or skips that step on every rank (``"skip"``).
+    or skips that step on every rank (``"skip"``). ``kl_schedule`` varies beta over the steps
+    (``KLSchedule``), ``free_bits`` floors each latent dimension's KL in the loss, and
+    ``skip_grad_norm`` skips updates whose gradient norm exceeds it.
     """
 
     def __init__(
@@ -51,12 +61,16 @@ class VAELitModule(L.LightningModule):
         sigma: float = 0.1,
         sigma_mode: SigmaMode = "fixed",
         beta: float = 1.0,
+        kl_schedule: Mapping[str, Any] | None = None,
+        free_bits: float = 0.0,
+        skip_grad_norm: float | None = None,
         compile: bool = False,
         nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
         # Plain containers, so that checkpoints load with torch.load(weights_only=True).
         arch, optimizer = _to_plain(arch), _to_plain(optimizer)
+        kl_schedule = _to_plain(kl_schedule or {})
         self.save_hyperparameters(logger=False)  # reads the arguments' current local values
         self.vae = VAE(
             encoder=instantiate(arch["encoder"], latent_dim=latent_dim),
@@ -66,6 +80,12 @@ class VAELitModule(L.LightningModule):
             sigma_mode=sigma_mode,
         )
         self.beta = beta
+        self.kl_schedule = KLSchedule(**kl_schedule)
+        self.free_bits = free_bits
+        self.skip_grad_norm = skip_grad_norm
+        self.skipped_updates = 0
+        self._recent_skips: deque[bool] = deque(maxlen=STUCK_WINDOW)
+        self._warned_stuck = False
         self.nonfinite_loss = nonfinite_loss
         self.channels_last = bool(arch.get("channels_last", False))
         if self.channels_last:
@@ -87,7 +107,7 @@ class VAELitModule(L.LightningModule):
         """Per-image loss and metrics (each of shape ``(B,)``) for a batch in [0, 1]."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        terms = self.vae.elbo_terms(x, self.beta)
+        terms = self.vae.elbo_terms(x, self.current_beta(), self.free_bits)
         return {
             "loss": terms.loss,
             "recon_mse": terms.squared_error / x[0].numel(),
@@ -96,6 +116,16 @@ class VAELitModule(L.LightningModule):
             "bpd": terms.bpd,
             "squared_error": terms.squared_error,
         }
+
+    def current_beta(self) -> float:
+        """The KL weight of the training loss at this step (``model.kl_schedule``)."""
+        kind = self.kl_schedule.kind
+        if kind == "constant" or self._trainer is None:
+            return self.beta
+        total = self.trainer.estimated_stepping_batches if kind == "cyclical" else math.inf
+        if not math.isfinite(total):
+            total = self.trainer.max_steps  # -1 when unlimited: refused in validate_config
+        return self.kl_schedule(self.global_step, self.beta, total)
 
     def on_fit_start(self) -> None:
         """Give each DDP rank a noise stream of its own (posterior samples, dequantization,
@@ -117,6 +147,8 @@ class VAELitModule(L.LightningModule):
             self.log("train/loss", means.pop("train/loss"), on_step=True, prog_bar=True)
             if self.nonfinite_loss == "skip":
                 means["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
+            if self.kl_schedule.kind != "constant":
+                means["train/beta"] = self.current_beta()
             self.log_dict(means, on_step=True, on_epoch=False)
             return loss
         if self.nonfinite_loss == "skip":
@@ -156,9 +188,35 @@ class VAELitModule(L.LightningModule):
         return 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop this step's update when its loss was not finite, or when the global gradient
+        norm exceeds ``skip_grad_norm`` (VDVAE's recipe: gradients are all-reduced already, so
+        every DDP rank makes the same decision). Without gradients the optimizer leaves the
+        weights and its own state as they were."""
+        if self.skip_grad_norm is not None and not self._skip_update:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+            skip = not bool(norm <= self.skip_grad_norm)  # a NaN norm is skipped too
+            self._count_skipped_update(skip)
+            self.log("train/grad_norm", norm, on_step=True)
+            self.log("train/skipped_updates", float(self.skipped_updates), on_step=True)
+            self._skip_update = skip
         if self._skip_update:
             for param in self.parameters():
                 param.grad = None
+
+    def _count_skipped_update(self, skipped: bool) -> None:
+        self.skipped_updates += skipped
+        self._recent_skips.append(skipped)
+        share = sum(self._recent_skips) / len(self._recent_skips)
+        full = len(self._recent_skips) == STUCK_WINDOW
+        if full and share > STUCK_SHARE and not self._warned_stuck and self.global_rank == 0:
+            self._warned_stuck = True
+            log.warning(
+                f"Training is stuck: {share:.0%} of the last {STUCK_WINDOW} updates were "
+                f"skipped, their gradient norm above model.skip_grad_norm={self.skip_grad_norm}"
+                " (see train/grad_norm). Raise it, lower model.optimizer.lr, or clip with "
+                "trainer.gradient_clip_val."
+            )
 
     def on_train_start(self) -> None:
         """Apply the configured optimizer settings (``model.optimizer.lr``, ...) to a resumed
@@ -174,9 +232,11 @@ class VAELitModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+        checkpoint["skipped_updates"] = self.skipped_updates
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
+        self.skipped_updates = int(checkpoint.get("skipped_updates", 0))
 
     def _global_batch_means(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """``train/{name}`` means over the global batch (all ranks' images, one all-reduce of

@@ -1,0 +1,149 @@
+"""KL weighting in the training loss: the beta schedules, free bits, and skipped updates."""
+
+import logging
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from tests.helpers import ADAM, MLP
+from vae_lightning.core.elbo import kl_to_standard_normal
+from vae_lightning.core.kl_schedule import KLSchedule
+from vae_lightning.core.vae import VAE
+from vae_lightning.data.cifar10 import CIFAR10DataModule
+from vae_lightning.training.lit_module import STUCK_WINDOW, VAELitModule
+
+
+def test_constant_and_linear_warm_up():
+    assert [KLSchedule()(step, 0.7, 100) for step in (0, 50, 10**6)] == [0.7, 0.7, 0.7]
+    warm_up = KLSchedule(kind="linear", start=0.1, warmup_steps=10)
+    values = [warm_up(step, 1.1, float("inf")) for step in (0, 5, 10, 11, 1000)]
+    assert values == pytest.approx([0.1, 0.6, 1.1, 1.1, 1.1])
+
+
+def test_cyclical_annealing_rises_over_the_first_ratio_of_each_cycle():
+    """100 steps, 4 cycles of 25; beta rises over the first 10 steps of each (ratio 0.4)."""
+    schedule = KLSchedule(kind="cyclical", cycles=4, ratio=0.4)
+    values = [schedule(step, 2.0, 100) for step in (0, 5, 10, 20, 24, 25, 30, 99)]
+    assert values == pytest.approx([0.0, 1.0, 2.0, 2.0, 2.0, 0.0, 1.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"kind": "cosine"}, "kind='cosine': it must be one of constant, linear, cyclical"),
+        ({"warmup_steps": 0}, "warmup_steps=0"),
+        ({"cycles": 0}, "cycles=0"),
+        ({"ratio": 0.0}, "ratio=0.0"),
+        ({"start": -1.0}, "start=-1.0"),
+    ],
+)
+def test_bad_schedules_are_refused(setting, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        KLSchedule(**setting)
+
+
+class FixedPosterior(nn.Module):
+    """An encoder whose posterior is the same learnable (mu, logvar) for every image."""
+
+    def __init__(self, mu: list[float], logvar: list[float]) -> None:
+        super().__init__()
+        self.mu = nn.Parameter(torch.tensor(mu, dtype=torch.float64))
+        self.logvar = nn.Parameter(torch.tensor(logvar, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.cat([self.mu, self.logvar]).expand(len(x), -1)
+
+
+class ConstantDecoder(nn.Module):
+    """x_hat ignores z, so only the KL term sends gradients to the posterior."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = nn.Parameter(torch.full((3, 32, 32), 0.5, dtype=torch.float64))
+
+    def forward(self, z):
+        return self.image.expand(len(z), -1, -1, -1)
+
+
+def test_free_bits_give_no_gradient_to_dimensions_under_the_floor():
+    mu, logvar = [0.1, 2.0, 0.0, 3.0], [0.0, 0.0, -0.2, 0.5]
+    encoder = FixedPosterior(mu, logvar)
+    vae = VAE(encoder, ConstantDecoder(), latent_dim=4).double()
+    x = torch.rand(5, 3, 32, 32, dtype=torch.float64)
+    terms = vae.elbo_terms(x, beta=1.0, free_bits=0.5)
+    (terms.loss.mean()).backward()
+    m, v = torch.tensor(mu, dtype=torch.float64), torch.tensor(logvar, dtype=torch.float64)
+    kl_per_dim = 0.5 * (m**2 + v.exp() - 1 - v)
+    under = kl_per_dim < 0.5
+    assert under.tolist() == [True, False, True, False]
+    assert encoder.mu.grad[under].abs().max() == 0 and encoder.logvar.grad[under].abs().max() == 0
+    # above the floor: the gradient of the plain KL, d/dmu = mu and d/dlogvar = (exp(logvar) - 1)/2
+    torch.testing.assert_close(encoder.mu.grad[~under], m[~under])
+    torch.testing.assert_close(encoder.logvar.grad[~under], (v[~under].exp() - 1) / 2)
+    # the reported KL is the true one
+    true_kl = kl_to_standard_normal(*encoder(x).chunk(2, dim=1))
+    torch.testing.assert_close(terms.kl, true_kl)
+    loss_kl = terms.loss - 0.5 * terms.squared_error * torch.exp(-2 * vae.decoder_log_sigma())
+    torch.testing.assert_close(loss_kl, kl_per_dim.clamp_min(0.5).sum().expand(5))
+
+
+def _fit(module: VAELitModule, cifar_dir, tmp_path, max_steps: int) -> L.Trainer:
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last")],
+        limit_val_batches=0,
+    )
+    dm = CIFAR10DataModule(str(cifar_dir), batch_size=8, num_workers=0, download=False)
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+def test_updates_over_the_gradient_norm_threshold_are_skipped_and_a_stuck_run_says_so(
+    cifar_dir, tmp_path, caplog
+):
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, skip_grad_norm=1e-9)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with caplog.at_level(logging.WARNING):
+        trainer = _fit(module, cifar_dir, tmp_path, max_steps=STUCK_WINDOW + 1)
+    assert module.skipped_updates == STUCK_WINDOW + 1
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert trainer.optimizers[0].state == {}  # Adam never stepped
+    stuck = [r.getMessage() for r in caplog.records if "Training is stuck" in r.getMessage()]
+    assert len(stuck) == 1 and "100% of the last 100 updates were skipped" in stuck[0]
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["skipped_updates"] == STUCK_WINDOW + 1
+
+
+def test_updates_under_the_threshold_go_through(cifar_dir, tmp_path):
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, skip_grad_norm=1e9)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    _fit(module, cifar_dir, tmp_path, max_steps=3)
+    assert module.skipped_updates == 0
+    assert not torch.equal(
+        before["vae.decoder.0.0.weight"], module.state_dict()["vae.decoder.0.0.weight"]
+    )
+
+
+def test_the_schedule_sets_the_training_loss_beta(cifar_dir, tmp_path):
+    schedule = {"kind": "linear", "start": 0.0, "warmup_steps": 4}
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, beta=2.0, kl_schedule=schedule)
+    seen = []
+    compute = module.compute_terms
+
+    def recording(x):
+        if module.trainer.training:
+            seen.append(module.current_beta())
+        return compute(x)
+
+    module.compute_terms = recording
+    _fit(module, cifar_dir, tmp_path, max_steps=6)
+    assert seen == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.0])
