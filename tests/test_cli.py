@@ -458,3 +458,14 @@ def test_in_a_terminal_the_bar_shows_the_training_loss_and_the_last_val_bpd(cifa
     text = output.decode(errors="replace")
     assert "train/loss:" in text and "val/bpd:" in text
     assert "(end) step" not in text  # the plain lines are for output that goes to a file
+
+
+def test_ema_of_the_weights_from_the_command_line(cifar_dir, tmp_path):
+    args = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT, "callbacks=[default,ema]"]
+    run_train([*args, "callbacks.ema.decay=0.9"], tmp_path)
+    run = single_run(tmp_path)
+    assert_run_folder(run)
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    key = "vae.decoder.0.weight"
+    assert not torch.equal(saved["state_dict"][key], saved["current_model_state"][key])
+    assert resolved(run)["callbacks"]["ema"]["decay"] == 0.9

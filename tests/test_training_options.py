@@ -1,4 +1,4 @@
-"""KL weighting in the training loss: the beta schedules, free bits, and skipped updates."""
+"""Training options researchers compare: KL schedules, free bits, skipped updates, EMA."""
 
 import logging
 
@@ -147,3 +147,45 @@ def test_the_schedule_sets_the_training_loss_beta(cifar_dir, tmp_path):
     module.compute_terms = recording
     _fit(module, cifar_dir, tmp_path, max_steps=6)
     assert seen == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.0])
+
+
+def test_ema_weights_are_what_the_checkpoint_and_the_module_hold_after_training(
+    cifar_dir, tmp_path
+):
+    """Lightning's EMAWeightAveraging (callbacks=[default,ema]) against an EMA computed here
+    from the raw weights after every step."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4)
+    raw: list[dict[str, torch.Tensor]] = []
+
+    class RecordRawWeights(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            raw.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[
+            RecordRawWeights(),
+            EMAWeightAveraging(decay=0.5),
+            ModelCheckpoint(dirpath=tmp_path, filename="last"),
+        ],
+    )
+    dm = CIFAR10DataModule(str(cifar_dir), batch_size=8, num_workers=0, download=False)
+    trainer.fit(module, datamodule=dm)
+    assert len(raw) == 4
+    expected = dict(raw[0])
+    for weights in raw[1:]:
+        expected = {k: 0.5 * expected[k] + 0.5 * weights[k] for k in expected}
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    for key in ("vae.encoder.1.0.weight", "vae.decoder.0.0.weight"):
+        torch.testing.assert_close(saved["state_dict"][key], expected[key])
+        torch.testing.assert_close(module.state_dict()[key], expected[key])
+        torch.testing.assert_close(saved["current_model_state"][key], raw[-1][key])
+        assert not torch.equal(expected[key], raw[-1][key])
