@@ -14,6 +14,7 @@ from torchvision.utils import make_grid, save_image
 
 from vae_lightning.core.elbo import bits_per_dim, kl_per_dimension, squared_error
 from vae_lightning.core.estimators import grid_log_likelihood, sampled_estimates
+from vae_lightning.core.posterior import active_units
 from vae_lightning.core.vae import VAE
 from vae_lightning.data.cifar10 import to_unit_interval
 
@@ -92,7 +93,7 @@ def likelihood_metrics(
     results["psnr"] = psnr.compute().item()
     results["ssim"] = ssim.compute().item()
     mu_var = torch.cat(mus).var(dim=0)
-    results["active_units"] = int((mu_var > active_threshold).sum())
+    results["active_units"] = active_units(mu_var, active_threshold)
     results["latent_dim"] = vae.latent_dim
     results["mu_variance_per_dim"] = mu_var.tolist()
     results["kl_per_dim"] = (kl_per_dim / n).tolist()
