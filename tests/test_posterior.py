@@ -43,6 +43,7 @@ def test_active_units_count_the_dimensions_over_the_threshold():
 
 
 def test_validation_logs_latent_usage_and_a_kl_histogram(cifar_dir, tmp_path):
+    L.seed_everything(0)
     module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4)
     usage = LatentUsage()
     trainer = L.Trainer(
@@ -58,7 +59,8 @@ def test_validation_logs_latent_usage_and_a_kl_histogram(cifar_dir, tmp_path):
         str(cifar_dir), batch_size=8, num_workers=0, download=False, dequantize=False
     )
     trainer.fit(module, datamodule=dm)
-    assert -0.1 < float(trainer.callback_metrics["val/mutual_info"]) <= math.log(8)
+    # at most log(8) for batches of 8 (each image's own posterior is in the mixture)
+    assert float(trainer.callback_metrics["val/mutual_info"]) <= math.log(8) + 1e-9
 
     # The variance of the posterior means over the validation images, computed here: with the
     # threshold between its second and third largest values, exactly 2 units are active.
