@@ -270,3 +270,39 @@ def command_line(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def fit_in_process(
+    module: L.LightningModule, cifar_dir: Path, checkpoint_dir: Path, batch_size: int, **trainer
+) -> L.Trainer:
+    """Fit ``module`` on the fixture data in this process, on the CPU, seeded, quietly, with
+    ``last.ckpt`` in ``checkpoint_dir``; ``trainer`` holds the Trainer's stopping arguments."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from vae_lightning.data.cifar10 import CIFAR10DataModule
+
+    L.seed_everything(0)
+    fitter = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, filename="last")],
+        **trainer,
+    )
+    data = CIFAR10DataModule(str(cifar_dir), batch_size=batch_size, num_workers=0, download=False)
+    fitter.fit(module, datamodule=data)
+    return fitter
+
+
+def assert_no_rank_changed_anything(folder: Path, world_size: int) -> None:
+    """Every rank's ``NonFiniteBatchAt`` report: the step left weights, buffers and optimizer
+    state as they were, and everything is finite."""
+    reports = sorted(folder.glob("nonfinite_rank*.json"))
+    assert len(reports) == world_size  # each rank saw the step
+    for report in reports:
+        assert json.loads(report.read_text()) == {
+            "weights_unchanged": True,
+            "optimizer_unchanged": True,
+            "all_finite": True,
+        }, report.name

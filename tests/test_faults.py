@@ -1,12 +1,9 @@
 """A NaN or infinite loss never passes silently: it stops the run, or skips the step."""
 
-import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.helpers import ADAM, MLP
-from vae_lightning.data.cifar10 import CIFAR10DataModule
+from tests.helpers import ADAM, MLP, fit_in_process
 from vae_lightning.training.lit_module import NonFiniteLossError, VAELitModule
 
 
@@ -24,19 +21,9 @@ def nan_at_step(module: VAELitModule, bad_step: int) -> None:
 
 
 def fit(module, cifar_dir, tmp_path, epochs=2):
-    L.seed_everything(0)
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last")],
-        num_sanity_val_steps=0,
+    return fit_in_process(
+        module, cifar_dir, tmp_path, batch_size=16, max_epochs=epochs, num_sanity_val_steps=0
     )
-    dm = CIFAR10DataModule(str(cifar_dir), batch_size=16, num_workers=0, download=False)
-    trainer.fit(module, datamodule=dm)
-    return trainer
 
 
 def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(cifar_dir, tmp_path):

@@ -12,6 +12,7 @@ import yaml
 from tests.helpers import (
     DDP,
     SHORT,
+    assert_no_rank_changed_anything,
     metrics_csv,
     nonfinite_batch_at,
     run_train,
@@ -59,14 +60,7 @@ def test_a_nonfinite_step_is_skipped_on_every_rank_and_changes_nothing(
     args += ["model.sigma_mode=optimal", "model.nonfinite_loss=skip", *nonfinite_batch_at(2)]
     code, output = train_to_file(args, tmp_path)
     assert code == 0, output
-    ranks = sorted(tmp_path.glob("nonfinite_rank*.json"))
-    assert len(ranks) == world_size  # each rank saw the step
-    for rank in ranks:
-        assert json.loads(rank.read_text()) == {
-            "weights_unchanged": True,
-            "optimizer_unchanged": True,
-            "all_finite": True,
-        }, rank.name
+    assert_no_rank_changed_anything(tmp_path, world_size)
     assert output.count("Non-finite loss at step 2: step skipped on every rank (1 so far)") == 1
     run = single_run(tmp_path)
     rows = metrics_csv(run)
@@ -200,14 +194,7 @@ def test_updates_over_the_gradient_norm_threshold_are_skipped_on_every_rank(
     args += ["model.skip_grad_norm=1e-9", *nonfinite_batch_at(2, rank=-1)]
     code, output = train_to_file(args, tmp_path)
     assert code == 0, output
-    ranks = sorted(tmp_path.glob("nonfinite_rank*.json"))
-    assert len(ranks) == world_size
-    for rank in ranks:
-        assert json.loads(rank.read_text()) == {
-            "weights_unchanged": True,
-            "optimizer_unchanged": True,
-            "all_finite": True,
-        }, rank.name
+    assert_no_rank_changed_anything(tmp_path, world_size)
     rows = metrics_csv(single_run(tmp_path))
     skipped = [float(r["train/skipped_updates"]) for r in rows if r.get("train/skipped_updates")]
     assert skipped == [1, 2, 3, 4, 5]

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from tests.helpers import ADAM, MLP
+from tests.helpers import ADAM, MLP, fit_in_process
 from vae_lightning.core.elbo import kl_to_standard_normal
 from vae_lightning.core.kl_schedule import KLSchedule
 from vae_lightning.core.vae import VAE
@@ -91,19 +91,9 @@ def test_free_bits_give_no_gradient_to_dimensions_under_the_floor():
 
 
 def _fit(module: VAELitModule, cifar_dir, tmp_path, max_steps: int) -> L.Trainer:
-    L.seed_everything(0)
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last")],
-        limit_val_batches=0,
+    return fit_in_process(
+        module, cifar_dir, tmp_path, batch_size=8, max_steps=max_steps, limit_val_batches=0
     )
-    dm = CIFAR10DataModule(str(cifar_dir), batch_size=8, num_workers=0, download=False)
-    trainer.fit(module, datamodule=dm)
-    return trainer
 
 
 def test_updates_over_the_gradient_norm_threshold_are_skipped_and_a_stuck_run_says_so(
