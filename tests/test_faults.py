@@ -55,3 +55,29 @@ def test_nan_loss_can_skip_the_step_instead(cifar_dir, tmp_path):
     assert not torch.equal(snapshots[1], snapshots[2])  # ordinary steps update the weights
     assert torch.equal(snapshots[2], snapshots[3])  # the NaN step changed nothing
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_a_nonfinite_batch_skips_its_whole_accumulated_update(cifar_dir, tmp_path):
+    """With two batches per update, a NaN in the first one drops the update they share."""
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, nonfinite_loss="skip")
+    weights: dict[int, torch.Tensor] = {}
+    compute = module.compute_terms
+
+    def poisoned(x):
+        if module.trainer.training:
+            batch = len(weights)
+            weights[batch] = torch.cat([p.detach().flatten() for p in module.parameters()])
+            terms = compute(x)
+            if batch == 2:  # the first batch of the second update
+                terms["loss"] = terms["loss"] * float("nan")
+            return terms
+        return compute(x)
+
+    module.compute_terms = poisoned
+    fit_in_process(
+        module, cifar_dir, tmp_path, batch_size=8, max_steps=3, accumulate_grad_batches=2
+    )
+    assert not torch.equal(weights[0], weights[2])  # the first update went through
+    assert torch.equal(weights[2], weights[4])  # the second, with the NaN batch, did not
+    assert not torch.equal(weights[4], torch.cat([p.flatten() for p in module.parameters()]))
+    assert module.nonfinite_skipped == 1

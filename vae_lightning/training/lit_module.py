@@ -139,7 +139,6 @@ class VAELitModule(L.LightningModule):
         x = batch[0]
         terms = self.compute_terms(x)
         loss = terms["loss"].mean()
-        self._skip_update = False
         if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             means = self._global_batch_means(terms)
             self.vae.update_running_sigma(means["train/recon_mse"])
@@ -200,9 +199,10 @@ class VAELitModule(L.LightningModule):
             self.log("train/grad_norm", norm, on_step=True)
             self.log("train/skipped_updates", float(self.skipped_updates), on_step=True)
             self._skip_update = skip
-        if self._skip_update:
+        if self._skip_update:  # also when only one batch of an accumulated update was bad
             for param in self.parameters():
                 param.grad = None
+        self._skip_update = False
 
     def _count_skipped_update(self, skipped: bool) -> None:
         self.skipped_updates += skipped
