@@ -16,17 +16,16 @@ def test_the_three_architectures_are_configured():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("latent_dim", [1, 2, 32, 128])
-def test_shapes_range_and_gradients(arch, latent_dim):
+@pytest.mark.parametrize(("latent_dim", "out_channels"), [(1, 3), (2, 6), (32, 3), (128, 100)])
+def test_shapes_and_gradients(arch, latent_dim, out_channels):
     cfg = OmegaConf.load(ARCH_DIR / f"{arch}.yaml")
     encoder = instantiate(cfg.encoder, latent_dim=latent_dim)
-    decoder = instantiate(cfg.decoder, latent_dim=latent_dim)
+    decoder = instantiate(cfg.decoder, latent_dim=latent_dim, out_channels=out_channels)
     x = torch.rand(4, 3, 32, 32)
     h = encoder(x)
     assert h.shape == (4, 2 * latent_dim)
-    x_hat = decoder(h[:, :latent_dim])
-    assert x_hat.shape == (4, 3, 32, 32)
-    assert x_hat.min() > 0 and x_hat.max() < 1
-    x_hat.sum().backward()
+    out = decoder(h[:, :latent_dim])
+    assert out.shape == (4, out_channels, 32, 32)
+    out.sum().backward()
     for net in (encoder, decoder):
         assert all(p.grad is not None for p in net.parameters())

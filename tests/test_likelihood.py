@@ -8,6 +8,7 @@ from torch import nn
 from torch.distributions import MultivariateNormal
 
 from vae_lightning.core.estimators import grid_log_likelihood, sampled_estimates
+from vae_lightning.core.likelihoods import GaussianLikelihood
 from vae_lightning.core.vae import VAE
 
 
@@ -33,7 +34,8 @@ def linear_gaussian_vae(num_dims: int, latent_dim: int, sigma: float, seed: int 
         encoder.bias[latent_dim:] = torch.diagonal(posterior_cov).log() + 0.5
         decoder.weight.copy_(w)
         decoder.bias.copy_(b)
-    vae = VAE(encoder, decoder, latent_dim=latent_dim, sigma=sigma).double()
+    likelihood = GaussianLikelihood(sigma, mean_transform=nn.Identity())
+    vae = VAE(encoder, decoder, latent_dim=latent_dim, likelihood=likelihood).double()
     marginal = MultivariateNormal(b, w @ w.T + sigma**2 * torch.eye(num_dims, dtype=torch.float64))
     x = marginal.sample((16,))
     return vae, x, marginal.log_prob(x)

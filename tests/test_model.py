@@ -8,7 +8,7 @@ from torch.distributions import Normal
 
 from tests.helpers import ADAM, MLP
 from vae_lightning.core.elbo import bits_per_dim
-from vae_lightning.core.vae import SIGMA_MIN
+from vae_lightning.core.likelihoods import SIGMA_MIN
 from vae_lightning.training.lit_module import VAELitModule
 
 D = 3 * 32 * 32
@@ -44,12 +44,13 @@ def test_fixed_sigma_loss_and_metrics():
     recon_log_p = Normal(out.x_hat, 0.2).log_prob(x).flatten(1).sum(1)
     sq = (x - out.x_hat).pow(2).flatten(1).sum(1)
     kl = -0.5 * (1 + out.logvar - out.mu**2 - out.logvar.exp()).sum(1)
-    # The training objective: ||x - x_hat||^2 / (2 sigma^2) + KL, no constant.
-    torch.testing.assert_close(terms["loss"], sq / (2 * 0.2**2) + kl)
-    # The reported ELBO keeps the Gaussian's constant.
+    # The training objective is the negative ELBO: ||x - x_hat||^2 / (2 sigma^2) + KL + constant.
     torch.testing.assert_close(terms["elbo"], recon_log_p - kl)
+    torch.testing.assert_close(terms["loss"], -terms["elbo"])
     constant = D * math.log(0.2) + 0.5 * D * math.log(2 * math.pi)
-    torch.testing.assert_close(-terms["elbo"] - terms["loss"], torch.full_like(kl, constant))
+    torch.testing.assert_close(
+        terms["loss"] - sq / (2 * 0.2**2) - kl, torch.full_like(kl, constant)
+    )
     torch.testing.assert_close(terms["recon_mse"], sq / D)
     torch.testing.assert_close(terms["bpd"], bits_per_dim(recon_log_p - kl, D))
 
@@ -66,20 +67,19 @@ def test_beta_weights_only_the_training_loss():
 
 def test_learned_sigma_is_a_parameter_with_the_full_negative_log_likelihood():
     module = make_module(sigma=0.3, sigma_mode="learned")
-    assert any(p is module.vae.log_sigma for p in module.parameters())
+    log_sigma = module.vae.likelihood.log_sigma
+    assert any(p is log_sigma for p in module.parameters())
     x = batch()
     torch.manual_seed(11)
     terms = module.compute_terms(x)
-    # loss = -log p(x|z) - (D/2) log(2 pi) + KL: sigma gets a gradient from both terms.
-    torch.testing.assert_close(
-        terms["loss"], -terms["elbo"] - 0.5 * D * math.log(2 * math.pi), rtol=1e-10, atol=1e-8
-    )
+    # loss = -log p(x|z) + KL: sigma gets a gradient from both terms of log p(x|z).
+    torch.testing.assert_close(terms["loss"], -terms["elbo"], rtol=1e-10, atol=1e-8)
     terms["loss"].mean().backward()
     sq = terms["squared_error"].detach()
     # d/d log sigma of sq/(2 sigma^2) + D log sigma = -sq/sigma^2 + D
-    sigma_sq = module.vae.log_sigma.detach().exp() ** 2  # 0.3, as stored in float32
+    sigma_sq = log_sigma.detach().exp() ** 2  # 0.3, as stored in float32
     expected = (-sq / sigma_sq + D).mean()
-    torch.testing.assert_close(module.vae.log_sigma.grad, expected)
+    torch.testing.assert_close(log_sigma.grad, expected)
 
 
 def test_optimal_sigma_uses_per_image_mse_and_reports_with_a_running_sigma():
@@ -88,8 +88,9 @@ def test_optimal_sigma_uses_per_image_mse_and_reports_with_a_running_sigma():
     torch.manual_seed(11)
     terms = module.compute_terms(x)
     mse = terms["recon_mse"]
-    # sigma_i^2 = mse_i: loss = D/2 + (D/2) log mse_i + KL
-    torch.testing.assert_close(terms["loss"], 0.5 * D + 0.5 * D * mse.log() + terms["kl"])
+    # sigma_i^2 = mse_i: loss = D/2 + (D/2) log(2 pi mse_i) + KL
+    expected_loss = 0.5 * D + 0.5 * D * (2 * math.pi * mse).log() + terms["kl"]
+    torch.testing.assert_close(terms["loss"], expected_loss)
     # ... whose gradient equals that of the loss with sigma_i held fixed (envelope theorem).
     grads = torch.autograd.grad(terms["loss"].sum(), module.vae.decoder.parameters())
     torch.manual_seed(11)
@@ -100,16 +101,17 @@ def test_optimal_sigma_uses_per_image_mse_and_reports_with_a_running_sigma():
     for g, h in zip(grads, held_grads, strict=True):
         torch.testing.assert_close(g, h)
     # Reported likelihoods use the data-independent sigma (here still its start value 0.5).
-    assert module.vae.decoder_log_sigma().exp().item() == pytest.approx(0.5)
+    likelihood = module.vae.likelihood
+    assert likelihood.scalar_log_sigma().exp().item() == pytest.approx(0.5)
     # A training step moves sigma^2 towards the batch MSE by the momentum.
-    module.vae.update_running_sigma(terms["squared_error"].mean() / D)
+    likelihood.update_running_sigma(terms["squared_error"].mean() / D)
     expected = 0.25 + 0.01 * (mse.mean().item() - 0.25)
-    assert module.vae.decoder_log_sigma().exp().item() ** 2 == pytest.approx(expected)
+    assert likelihood.scalar_log_sigma().exp().item() ** 2 == pytest.approx(expected)
 
 
 def test_sigma_is_floored():
     module = make_module(sigma=1e-6)
-    assert module.vae.decoder_log_sigma().exp().item() == pytest.approx(SIGMA_MIN)
+    assert module.vae.likelihood.scalar_log_sigma().exp().item() == pytest.approx(SIGMA_MIN)
 
 
 def test_prior_samples_have_image_shape_and_follow_the_generator():
@@ -157,16 +159,20 @@ def test_bf16_autocast_keeps_every_reduction_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.manual_seed(11)
         terms = module.compute_terms(x)
-        torch.manual_seed(11)
-        out = module.vae(x)  # the same bf16 network outputs
-    assert out.x_hat.dtype == torch.bfloat16
+        torch.manual_seed(11)  # the same bf16 network outputs, for the same (fp32) posterior draw
+        mu, logvar = module.vae.encode(x)
+        z = mu.float() + torch.exp(0.5 * logvar.float()) * torch.randn(mu.shape)
+        raw = module.vae.decoder(z)
+    assert mu.dtype == torch.bfloat16 and raw.dtype == torch.bfloat16
     # The same outputs reduced by hand in float64: a bf16 sum over 3072 pixels would be ~1e-2 off.
-    x_hat, mu, logvar = (t.double() for t in (out.x_hat, out.mu, out.logvar))
+    mu, logvar = mu.double(), logvar.double()
+    x_hat = raw.double().sigmoid()
     sq = (x.double() - x_hat).pow(2).flatten(1).sum(1)
     kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
     for name in ("loss", "elbo", "kl", "bpd", "recon_mse"):
         assert terms[name].dtype == torch.float32, name
-    torch.testing.assert_close(terms["loss"].double(), sq / (2 * 0.2**2) + kl, rtol=1e-5, atol=0)
+    recon = sq / (2 * 0.2**2) + D * math.log(0.2) + 0.5 * D * math.log(2 * math.pi)
+    torch.testing.assert_close(terms["loss"].double(), recon + kl, rtol=1e-5, atol=0)
     torch.testing.assert_close(terms["recon_mse"].double(), sq / D, rtol=1e-5, atol=0)
 
 

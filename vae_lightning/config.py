@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from vae_lightning.core.kl_schedule import KINDS as KL_KINDS
-from vae_lightning.core.vae import SIGMA_MODES
+from vae_lightning.core.likelihoods import LIKELIHOODS, SIGMA_MODES
 from vae_lightning.launch.run_files import flatten
 from vae_lightning.training.loggers import WANDB_MODES
 
@@ -118,8 +118,8 @@ def validate_config(cfg: DictConfig) -> None:
         )
     nonfinite = _get(cfg, "model.nonfinite_loss")
     _check(nonfinite in ("stop", "skip"), "model.nonfinite_loss", nonfinite, "stop or skip")
-    mode = _get(cfg, "model.sigma_mode")
-    _check(mode in SIGMA_MODES, "model.sigma_mode", mode, f"one of {', '.join(SIGMA_MODES)}")
+    _check_likelihood(cfg)
+    _check_objective(cfg)
     workers = _get(cfg, "data.num_workers")
     _check(_is_int(workers) and workers >= 0, "data.num_workers", workers, "an integer >= 0")
     fraction = _get(cfg, "data.val_fraction")
@@ -153,6 +153,46 @@ def validate_config(cfg: DictConfig) -> None:
     _check_checkpoint(cfg)
 
 
+def _check_likelihood(cfg: DictConfig) -> None:
+    mode = _get(cfg, "model.sigma_mode")
+    _check(mode in SIGMA_MODES, "model.sigma_mode", mode, f"one of {', '.join(SIGMA_MODES)}")
+    kind = _get(cfg, "model.likelihood.kind")
+    _check(kind in LIKELIHOODS, "model.likelihood.kind", kind, f"one of {', '.join(LIKELIHOODS)}")
+    if kind == "logistic_mixture":
+        count = _get(cfg, "model.likelihood.num_mixtures")
+        _check(
+            _is_int(count) and count >= 1, "model.likelihood.num_mixtures", count, "an integer >= 1"
+        )
+        if mode != "fixed":
+            raise ConfigError(
+                f"model.sigma_mode={mode} has no meaning with model/likelihood=logistic_mixture: "
+                "the decoder outputs every scale of the mixture. Leave model.sigma_mode at fixed, "
+                "or choose model/likelihood=gaussian or discretized_gaussian."
+            )
+
+
+def _check_objective(cfg: DictConfig) -> None:
+    objective = _get(cfg, "model.objective")
+    _check(objective in ("elbo", "iwae"), "model.objective", objective, "elbo or iwae")
+    if objective != "iwae":
+        return
+    samples = _get(cfg, "model.iwae_samples")
+    _check(_is_int(samples) and samples >= 1, "model.iwae_samples", samples, "an integer >= 1")
+    conflicts = {
+        "model.beta": _get(cfg, "model.beta") != 1,
+        "model.kl_schedule.kind": _get(cfg, "model.kl_schedule.kind") != "constant",
+        "model.free_bits": _get(cfg, "model.free_bits") != 0,
+        "model.sigma_mode": _get(cfg, "model.sigma_mode") == "optimal",
+    }
+    if bad := [key for key, conflict in conflicts.items() if conflict]:
+        raise ConfigError(
+            f"model.objective=iwae trains on the IWAE bound of the model itself, so it takes no "
+            f"{', '.join(bad)} (set to {', '.join(str(_get(cfg, k)) for k in bad)}): use "
+            "model.beta=1, model.kl_schedule.kind=constant, model.free_bits=0 and a sigma_mode "
+            "other than optimal, or model.objective=elbo."
+        )
+
+
 def _check_wandb_mode(cfg: DictConfig) -> None:
     mode = OmegaConf.select(cfg, "logger.wandb.mode")
     if mode is not None:
@@ -161,6 +201,8 @@ def _check_wandb_mode(cfg: DictConfig) -> None:
 
 RESUMABLE_CHANGES = (
     "optimizer.",
+    "objective",
+    "iwae_samples",
     "beta",
     "kl_schedule.",
     "free_bits",
@@ -170,8 +212,9 @@ RESUMABLE_CHANGES = (
     "arch.channels_last",
 )
 """Model settings a resumed run may change: optimizer settings other than its class (the new
-values are applied to the restored optimizer), the KL weight and its schedule, free bits, the
-update-skipping threshold, compilation, what a non-finite loss does, and the memory layout.
+values are applied to the restored optimizer), the training objective, the KL weight and its
+schedule, free bits, the update-skipping threshold, compilation, what a non-finite loss does,
+and the memory layout.
 Every other setting shapes the parameters or what they mean."""
 
 

@@ -1,8 +1,10 @@
 """Encoder/decoder pairs for 3x32x32 images, one pair per ``model/arch`` config.
 
 Every encoder maps ``x`` of shape ``(B, 3, 32, 32)`` to ``(B, 2H)``: the posterior mean and
-log-variance side by side. Every decoder maps ``z`` of shape ``(B, H)`` to the decoder mean
-``x_hat`` of shape ``(B, 3, 32, 32)`` in (0, 1). Any latent size ``H >= 1`` works.
+log-variance side by side. Every decoder maps ``z`` of shape ``(B, H)`` to ``out_channels``
+unconstrained 32x32 maps, which the likelihood head (``vae_lightning.core.likelihoods``) turns
+into p(x|z): 3 for a Gaussian mean, 6 with a heteroscedastic sigma, and so on. Any latent size
+``H >= 1`` works.
 """
 
 from collections.abc import Sequence
@@ -56,12 +58,19 @@ class MLPEncoder(nn.Sequential):
 
 
 class MLPDecoder(nn.Sequential):
-    """Maps z through fully connected layers to R^3072 and reshapes it into an image."""
+    """Maps z through fully connected layers to ``out_channels`` x 32 x 32 and reshapes it."""
 
-    def __init__(self, latent_dim: int, hidden_dims: Sequence[int] = (512, 1024)) -> None:
+    def __init__(
+        self,
+        latent_dim: int,
+        hidden_dims: Sequence[int] = (512, 1024),
+        out_channels: int = IMAGE_SHAPE[0],
+    ) -> None:
         _check_widths("hidden_dims", hidden_dims)
+        _check_count("out_channels", out_channels)
+        shape = (out_channels, *IMAGE_SHAPE[1:])
         super().__init__(
-            _mlp([latent_dim, *hidden_dims, IMAGE_DIMS]), nn.Sigmoid(), nn.Unflatten(1, IMAGE_SHAPE)
+            _mlp([latent_dim, *hidden_dims, shape[0] * shape[1] * shape[2]]), nn.Unflatten(1, shape)
         )
 
 
@@ -83,16 +92,21 @@ class ConvEncoder(nn.Sequential):
 class ConvDecoder(nn.Sequential):
     """Mirror of ``ConvEncoder``: a linear map to a small feature map, then transposed convs."""
 
-    def __init__(self, latent_dim: int, channels: Sequence[int] = (256, 128, 64)) -> None:
+    def __init__(
+        self,
+        latent_dim: int,
+        channels: Sequence[int] = (256, 128, 64),
+        out_channels: int = IMAGE_SHAPE[0],
+    ) -> None:
         _check_widths("channels", channels, MAX_STAGES)
+        _check_count("out_channels", out_channels)
         side = IMAGE_SHAPE[1] >> len(channels)
         layers: list[nn.Module] = [
             nn.Linear(latent_dim, channels[0] * side * side),
             nn.Unflatten(1, (channels[0], side, side)),
         ]
-        for c_in, c_out in zip(channels, [*channels[1:], IMAGE_SHAPE[0]], strict=True):
+        for c_in, c_out in zip(channels, [*channels[1:], out_channels], strict=True):
             layers += [nn.SiLU(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
-        layers.append(nn.Sigmoid())
         super().__init__(*layers)
 
 
@@ -136,10 +150,15 @@ class ResNetDecoder(nn.Sequential):
     """Mirror of ``ResNetEncoder``: per stage, 2x upsampling and a conv, then residual blocks."""
 
     def __init__(
-        self, latent_dim: int, channels: Sequence[int] = (128, 64, 32), blocks_per_stage: int = 1
+        self,
+        latent_dim: int,
+        channels: Sequence[int] = (128, 64, 32),
+        blocks_per_stage: int = 1,
+        out_channels: int = IMAGE_SHAPE[0],
     ) -> None:
         _check_widths("channels", channels, MAX_STAGES)
         _check_count("blocks_per_stage", blocks_per_stage)
+        _check_count("out_channels", out_channels)
         side = IMAGE_SHAPE[1] >> len(channels)
         layers: list[nn.Module] = [
             nn.Linear(latent_dim, channels[0] * side * side),
@@ -151,7 +170,6 @@ class ResNetDecoder(nn.Sequential):
         layers += [
             nn.GroupNorm(min(8, channels[-1]), channels[-1]),
             nn.SiLU(),
-            nn.Conv2d(channels[-1], IMAGE_SHAPE[0], 3, padding=1),
-            nn.Sigmoid(),
+            nn.Conv2d(channels[-1], out_channels, 3, padding=1),
         ]
         super().__init__(*layers)

@@ -40,9 +40,8 @@ def _decoder_log_likelihoods(vae: VAE, x: Tensor, z: Tensor, max_batch: int) -> 
     for start in range(0, num_samples, per_call):
         z_chunk = z[start : start + per_call]
         k = z_chunk.shape[0]
-        x_hat = vae.decode(z_chunk.reshape(k * batch, -1))
-        x_rep = x.unsqueeze(0).expand(k, *x.shape).reshape(x_hat.shape)
-        chunks.append(vae.log_likelihood(x_rep, x_hat).view(k, batch))
+        x_rep = x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1)
+        chunks.append(vae.log_likelihood(x_rep, z_chunk.flatten(0, 1)).view(k, batch))
     return torch.cat(chunks)
 
 
@@ -85,22 +84,16 @@ def grid_log_likelihood(
     """log Σ_g p(x|z_g) p(z_g) ΔV per image over the m^H cell centres of [-limit, limit]^H.
 
     Affordable for H <= 2 only. Each chunk of grid points is decoded once and scored against
-    every image at once (||x - x_hat||^2 as a float64 matrix product), so the cost is m^H
-    decoder calls however many images there are.
+    every image at once, so the cost is m^H decoder calls however many images there are.
     """
     if vae.latent_dim > 2:
         raise ValueError(f"a latent grid needs latent_dim <= 2, got {vae.latent_dim}")
     step = 2 * limit / points_per_axis
     axis = -limit + step * (torch.arange(points_per_axis, device=x.device, dtype=x.dtype) + 0.5)
     points = torch.cartesian_prod(*[axis] * vae.latent_dim).reshape(-1, vae.latent_dim)
-    x_flat = x.flatten(1).double()
-    x_sq = x_flat.pow(2).sum(1, keepdim=True)
-    log_sigma = vae.decoder_log_sigma().double()
     totals, edges = [], []
-    for chunk in points.split(max_batch):
-        x_hat = vae.decode(chunk).flatten(1).double()
-        sq = (x_sq + x_hat.pow(2).sum(1) - 2.0 * x_flat @ x_hat.T).clamp_min(0.0)
-        log_joint = log_likelihood_from_squared_error(sq, x_flat.shape[1], log_sigma)
+    for chunk in points.split(max(1, max_batch // max(1, len(x)))):
+        log_joint = _grid_log_likelihoods(vae, x, chunk).double()
         log_joint = log_joint + diagonal_normal_log_density(chunk.double(), 0.0, 0.0)
         totals.append(torch.logsumexp(log_joint, dim=1))
         on_edge = (chunk.abs() > limit - step).any(dim=1)
@@ -109,3 +102,21 @@ def grid_log_likelihood(
     edge_share = torch.exp(torch.logsumexp(torch.stack(edges), dim=0) - log_total)
     log_cell_volume = vae.latent_dim * math.log(step)
     return GridEstimate((log_total + log_cell_volume).to(x.dtype), edge_share.to(x.dtype))
+
+
+def _grid_log_likelihoods(vae: VAE, x: Tensor, z: Tensor) -> Tensor:
+    """``log p(x_b | z_g)`` for every image and grid point: a ``(B, G)`` tensor. With one
+    Gaussian sigma, ||x - x_hat||^2 comes from a float64 matrix product (one decoder call per
+    point); any other likelihood scores every (image, point) pair."""
+    log_sigma = vae.likelihood.scalar_log_sigma()
+    if log_sigma is not None and not vae.likelihood.discrete:
+        x_flat = x.flatten(1).double()
+        x_hat = vae.decode(z).flatten(1).double()
+        sq = x_flat.pow(2).sum(1, keepdim=True) + x_hat.pow(2).sum(1) - 2.0 * x_flat @ x_hat.T
+        return log_likelihood_from_squared_error(
+            sq.clamp_min(0.0), x_flat.shape[1], log_sigma.double()
+        )
+    out = vae.decoder(z)
+    pairs_x = x.unsqueeze(1).expand(len(x), len(z), *x.shape[1:]).flatten(0, 1)
+    pairs_out = out.unsqueeze(0).expand(len(x), *out.shape).flatten(0, 1)
+    return vae.likelihood(pairs_out).log_prob(pairs_x).view(len(x), len(z))

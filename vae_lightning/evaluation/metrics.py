@@ -12,7 +12,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import make_grid, save_image
 
-from vae_lightning.core.elbo import bits_per_dim, kl_per_dimension, squared_error
+from vae_lightning.core.elbo import kl_per_dimension, squared_error
 from vae_lightning.core.estimators import grid_log_likelihood, sampled_estimates
 from vae_lightning.core.posterior import active_units
 from vae_lightning.core.vae import VAE
@@ -41,7 +41,7 @@ def likelihood_metrics(
 ) -> dict[str, float | list[float]]:
     """ELBO, IWAE, prior-sampling and (H <= 2) grid estimates of log p(x), in nats per image
     and bits/dim; reconstruction MSE/PSNR/SSIM at z = mu; active units and KL per latent dim."""
-    device = vae.log_sigma.device
+    device = next(vae.parameters()).device
     num_dims = images[0].numel()
     with_grid = vae.latent_dim <= 2
     psnr = PeakSignalNoiseRatio(data_range=1.0).to(device)
@@ -77,7 +77,7 @@ def likelihood_metrics(
     for name in ("elbo", "iwae", "prior_sampling", "grid"):
         if name in means:
             results[f"{name}_nats"] = means[name]
-            results[f"{name}_bpd"] = bits_per_dim(torch.tensor(means[name]), num_dims).item()
+            results[f"{name}_bpd"] = vae.bits_per_dim(torch.tensor(means[name]), num_dims).item()
     if with_grid:
         grid_edge_share = grid.edge_share.max().item()
         results["grid_edge_share_max"] = grid_edge_share
@@ -130,7 +130,7 @@ def fid_scores(
     metric: FrechetInceptionDistance, vae: VAE, images: Tensor, batch_size: int
 ) -> dict[str, float]:
     """FID of prior samples and of reconstructions (z = mu), each against ``images``."""
-    device = vae.log_sigma.device
+    device = next(vae.parameters()).device
     metric = metric.to(device)
     for x in batches(images, batch_size, device, dequantize=False):
         metric.update(x, real=True)
@@ -153,7 +153,7 @@ def save_grids(
 ) -> list[Path]:
     """PNG grids: reconstructions beside originals, prior samples, interpolations between test
     images in latent space, and traversals of the most active latent dimensions."""
-    device = vae.log_sigma.device
+    device = next(vae.parameters()).device
     x = to_unit_interval(images[:num_images].to(device), dequantize=False)
     mu = vae.encode(x)[0]
     # 10 steps from image 2i to image 2i+1, in latent space

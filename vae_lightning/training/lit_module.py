@@ -16,13 +16,15 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from vae_lightning.core.kl_schedule import KLSchedule
-from vae_lightning.core.vae import VAE, SigmaMode
+from vae_lightning.core.likelihoods import SigmaMode, build_likelihood
+from vae_lightning.core.vae import VAE
 
 log = logging.getLogger(__name__)
 
 METRICS = ("loss", "recon_mse", "kl", "elbo", "bpd")
 """Logged as ``{split}/{name}``: loss (training objective), recon_mse (per pixel), kl and elbo
-(nats per image), bpd (bits per dimension of the 8-bit image, a bound from the ELBO)."""
+(nats per image), bpd (bits per dimension of the 8-bit image from the ELBO: a code length with
+a discrete likelihood, the dequantized bound with a density)."""
 
 
 def _to_plain(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,12 +43,15 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class VAELitModule(L.LightningModule):
-    """Trains a VAE by minimizing ``||x - x_hat||^2 / (2 sigma^2) + beta * KL`` per image.
+    """Trains a VAE by minimizing ``-log p(x|z) + beta * KL`` per image (or the negative IWAE
+    bound with ``objective="iwae"`` and ``iwae_samples`` = K).
 
     ``arch`` holds ``encoder`` and ``decoder`` configs (``_target_`` + kwargs, without the latent
     size) and optionally ``channels_last`` (convolutions in NHWC layout, faster on GPUs);
     ``optimizer`` is a partial optimizer config, so the module is rebuilt from its checkpoint's
-    hyperparameters alone. ``compile`` compiles encoder and decoder with ``torch.compile``.
+    hyperparameters alone. ``likelihood`` is the ``model/likelihood`` config (``kind`` and its
+    keys; ``build_likelihood``), with the model's ``sigma`` and ``sigma_mode``. ``compile``
+    compiles encoder and decoder with ``torch.compile``.
     A NaN or infinite loss stops training with ``NonFiniteLossError`` (``nonfinite_loss="stop"``)
     or skips that step on every rank (``"skip"``). ``kl_schedule`` varies beta over the steps
     (``KLSchedule``), ``free_bits`` floors each latent dimension's KL in the loss, and
@@ -60,6 +65,9 @@ class VAELitModule(L.LightningModule):
         latent_dim: int = 32,
         sigma: float = 0.1,
         sigma_mode: SigmaMode = "fixed",
+        likelihood: Mapping[str, Any] | None = None,
+        objective: str = "elbo",
+        iwae_samples: int = 8,
         beta: float = 1.0,
         kl_schedule: Mapping[str, Any] | None = None,
         free_bits: float = 0.0,
@@ -71,14 +79,18 @@ class VAELitModule(L.LightningModule):
         # Plain containers, so that checkpoints load with torch.load(weights_only=True).
         arch, optimizer = _to_plain(arch), _to_plain(optimizer)
         kl_schedule = _to_plain(kl_schedule or {})
+        likelihood = _to_plain(likelihood or {"kind": "gaussian"})
         self.save_hyperparameters(logger=False)  # reads the arguments' current local values
+        head = build_likelihood(sigma=sigma, sigma_mode=sigma_mode, **likelihood)
         self.vae = VAE(
             encoder=instantiate(arch["encoder"], latent_dim=latent_dim),
-            decoder=instantiate(arch["decoder"], latent_dim=latent_dim),
+            decoder=instantiate(
+                arch["decoder"], latent_dim=latent_dim, out_channels=head.out_channels
+            ),
             latent_dim=latent_dim,
-            sigma=sigma,
-            sigma_mode=sigma_mode,
+            likelihood=head,
         )
+        self.iwae_samples = iwae_samples if objective == "iwae" else None
         self.beta = beta
         self.kl_schedule = KLSchedule(**kl_schedule)
         self.free_bits = free_bits
@@ -100,15 +112,18 @@ class VAELitModule(L.LightningModule):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction: the decoder mean for one posterior sample."""
+        """Reconstruction: the mean of p(x|z) for one posterior sample."""
         return self.vae(x).x_hat
 
-    def compute_terms(self, x: Tensor) -> dict[str, Tensor]:
-        """Per-image loss and metrics (each of shape ``(B,)``) for a batch in [0, 1]."""
+    def compute_terms(self, x: Tensor, iwae_samples: int | None = None) -> dict[str, Tensor]:
+        """Per-image loss and metrics (each of shape ``(B,)``) for a batch in [0, 1]; the loss
+        is the negative IWAE bound with ``iwae_samples``."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        terms = self.vae.elbo_terms(x, self.current_beta(), self.free_bits)
+        terms = self.vae.elbo_terms(x, self.current_beta(), self.free_bits, iwae_samples)
+        sigma = {} if terms.sigma is None else {"sigma": terms.sigma}
         return {
+            **sigma,
             "loss": terms.loss,
             "recon_mse": terms.squared_error / x[0].numel(),
             "kl": terms.kl,
@@ -137,12 +152,11 @@ class VAELitModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x = batch[0]
-        terms = self.compute_terms(x)
+        terms = self.compute_terms(x, self.iwae_samples)
         loss = terms["loss"].mean()
         if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             means = self._global_batch_means(terms)
-            self.vae.update_running_sigma(means["train/recon_mse"])
-            means["train/sigma"] = self.vae.decoder_log_sigma().detach().exp()
+            self.vae.likelihood.update_running_sigma(means["train/recon_mse"])
             self.log("train/loss", means.pop("train/loss"), on_step=True, prog_bar=True)
             if self.nonfinite_loss == "skip":
                 means["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
@@ -235,20 +249,23 @@ class VAELitModule(L.LightningModule):
         checkpoint["skipped_updates"] = self.skipped_updates
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        if "vae.log_sigma" in state:  # written before sigma moved into the likelihood head
+            state["vae.likelihood.log_sigma"] = state.pop("vae.log_sigma")
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
         self.skipped_updates = int(checkpoint.get("skipped_updates", 0))
 
     def _global_batch_means(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """``train/{name}`` means over the global batch (all ranks' images, one all-reduce of
         the sums and the count)."""
-        per_rank = [terms[name].detach().sum() for name in METRICS]
+        names = [name for name in (*METRICS, "sigma") if name in terms]
+        per_rank = [terms[name].detach().sum() for name in names]
         count = torch.full((), float(terms["loss"].numel()), device=per_rank[0].device)
         sums = torch.stack([*per_rank, count]).float()
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         return {
-            f"train/{name}": total / sums[-1]
-            for name, total in zip(METRICS, sums[:-1], strict=True)
+            f"train/{name}": total / sums[-1] for name, total in zip(names, sums[:-1], strict=True)
         }
 
     def _last_checkpoint(self) -> str | None:

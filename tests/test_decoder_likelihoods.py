@@ -1,0 +1,242 @@
+"""The decoder likelihoods and sigma modes against independent computations."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+from tests.helpers import ADAM, MLP
+from vae_lightning.core.estimators import grid_log_likelihood
+from vae_lightning.core.likelihoods import (
+    DiscretizedGaussian,
+    DiscretizedLogisticMixture,
+    GaussianLikelihood,
+    LogisticMixtureLikelihood,
+)
+from vae_lightning.training.lit_module import VAELitModule
+
+D = 3 * 32 * 32
+ALL_VALUES = ((torch.arange(256, dtype=torch.float64) + 0.5) / 256).view(256, 1)
+
+
+def make_module(**kwargs) -> VAELitModule:
+    torch.manual_seed(0)
+    return VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, **kwargs).double()
+
+
+def batch(n: int = 4, dequantized: bool = False) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    k = torch.randint(0, 256, (n, 3, 32, 32), generator=gen).double()
+    u = torch.rand(k.shape, generator=gen, dtype=torch.float64) if dequantized else 0.5
+    return (k + u) / 256
+
+
+@pytest.mark.parametrize(
+    ("loc", "sigma"),
+    [(0.5, 0.1), (0.02, 0.003), (0.97, 1e-3), (1.4, 0.05), (-0.3, 0.2), (0.4, 20.0)],
+)
+def test_discretized_gaussian_probabilities_are_normal_cdf_differences_and_sum_to_one(loc, sigma):
+    p = DiscretizedGaussian(
+        torch.full_like(ALL_VALUES, loc), torch.tensor(math.log(sigma), dtype=torch.float64)
+    )
+    log_probs = p.log_prob(ALL_VALUES)
+    normal = Normal(torch.tensor(loc, dtype=torch.float64), sigma)
+    edges = torch.arange(1, 256, dtype=torch.float64) / 256
+    cdf = torch.cat([torch.zeros(1), normal.cdf(edges), torch.ones(1)]).double()
+    expected = cdf[1:] - cdf[:-1]
+    torch.testing.assert_close(log_probs.exp(), expected, atol=1e-12, rtol=1e-6)
+    assert log_probs.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_discretized_gaussian_is_stable_in_float32_far_in_the_tails():
+    """Bins hundreds of sigmas from the mean: finite log-probabilities close to the float64
+    ones, and finite gradients."""
+    loc = torch.tensor([0.001, 0.999, 0.5, 0.5], requires_grad=True)
+    log_sigma = torch.tensor([math.log(1e-3), math.log(1e-3), math.log(0.5), math.log(3.0)])
+    x = torch.tensor([0.99, 0.01, 0.9, 0.1]).view(4, 1)
+    p32 = DiscretizedGaussian(loc.view(4, 1), log_sigma.view(4, 1))
+    lp32 = p32.log_prob(x)
+    lp32.sum().backward()
+    assert torch.isfinite(lp32).all() and torch.isfinite(loc.grad).all()
+    p64 = DiscretizedGaussian(loc.detach().double().view(4, 1), log_sigma.double().view(4, 1))
+    torch.testing.assert_close(lp32.double(), p64.log_prob(x.double()), rtol=1e-4, atol=0)
+    assert lp32[0].item() < -1e5  # a bin ~1000 sigmas away: about -(1000^2)/2
+
+
+def slow_logistic_mixture_log_prob(raw: torch.Tensor, x: torch.Tensor, m: int) -> float:
+    """PixelCNN++'s likelihood, one image, pixel by pixel with plain floats."""
+
+    def cdf(t: float) -> float:
+        return 1.0 / (1.0 + math.exp(-t)) if t > -700 else 0.0
+
+    total = 0.0
+    _, height, width = x.shape
+    for i in range(height):
+        for j in range(width):
+            logits = [raw[c, i, j].item() for c in range(m)]
+            weights = [math.exp(v - max(logits)) for v in logits]
+            weights = [w / sum(weights) for w in weights]
+            k = [math.floor(x[c, i, j].item() * 256) for c in range(3)]
+            value = [2 * (kc + 0.5) / 256 - 1 for kc in k]
+            prob = 0.0
+            for comp in range(m):
+
+                def param(kind: int, channel: int, comp=comp, i=i, j=j) -> float:
+                    return raw[m + (kind * 3 + channel) * m + comp, i, j].item()
+
+                means = [param(0, c) for c in range(3)]
+                scales = [math.exp(max(param(1, c), -7.0)) for c in range(3)]
+                coeff = [math.tanh(param(2, c)) for c in range(3)]
+                means[1] += coeff[0] * value[0]
+                means[2] += coeff[1] * value[0] + coeff[2] * value[1]
+                p = weights[comp]
+                for c in range(3):
+                    upper = 1.0 if k[c] == 255 else cdf((value[c] + 1 / 256 - means[c]) / scales[c])
+                    lower = 0.0 if k[c] == 0 else cdf((value[c] - 1 / 256 - means[c]) / scales[c])
+                    p *= upper - lower
+                prob += p
+            total += math.log(prob)
+    return total
+
+
+def test_logistic_mixture_equals_a_slow_direct_computation():
+    m = 3
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randn(2, 10 * m, 3, 4, generator=gen, dtype=torch.float64)
+    raw[:, m : 4 * m] *= 0.5  # means on [-1, 1]
+    raw[:, 4 * m : 7 * m] = raw[:, 4 * m : 7 * m] - 2.5  # scales about e^-2.5
+    x = torch.randint(0, 256, (2, 3, 3, 4), generator=gen).double() / 256 + 0.5 / 256
+    x[0, :, 0, 0] = torch.tensor([0.5 / 256, 255.5 / 256, 0.5 / 256])  # the open outer bins
+    fast = LogisticMixtureLikelihood(m)(raw).log_prob(x)
+    for b in range(2):
+        assert fast[b].item() == pytest.approx(slow_logistic_mixture_log_prob(raw[b], x[b], m))
+
+
+def test_logistic_mixture_probabilities_of_all_colours_sum_to_one():
+    m = 2
+    gen = torch.Generator().manual_seed(1)
+    raw = torch.randn(1, 10 * m, 1, 1, generator=gen, dtype=torch.float64)
+    raw[:, 4 * m : 7 * m] = -3.0  # narrow components: the sum must get the bins right
+    raw[:, 7 * m :] *= 3.0  # strong channel coefficients
+    raw, values = raw.float(), ALL_VALUES[:, 0].float()  # 256^3 colours: float32 halves the time
+    g, b = torch.meshgrid(values, values, indexing="ij")
+    total = 0.0
+    for r in values:
+        x = torch.stack([torch.full_like(g, r), g, b]).flatten(1).T.reshape(-1, 3, 1, 1)
+        p = DiscretizedLogisticMixture(raw.expand(len(x), -1, -1, -1), m)
+        total += p.log_prob(x).double().exp().sum().item()
+    assert total == pytest.approx(1.0, abs=1e-6)
+
+
+def test_logistic_mixture_samples_lie_on_bin_centres_and_average_to_the_mean():
+    m = 3
+    gen = torch.Generator().manual_seed(2)
+    raw = torch.randn(1, 10 * m, 2, 2, generator=gen, dtype=torch.float64) * 0.3
+    raw[:, 4 * m : 7 * m] = -3.0
+    p = DiscretizedLogisticMixture(raw.expand(20_000, -1, -1, -1), m)
+    samples = p.sample(torch.Generator().manual_seed(3))
+    assert samples.shape == (20_000, 3, 2, 2)
+    torch.testing.assert_close(samples * 256 - 0.5, (samples * 256 - 0.5).round())
+    torch.testing.assert_close(samples.mean(0), p.mean[0], atol=0.01, rtol=0)
+
+
+def test_per_pixel_sigma_with_equal_values_equals_one_learned_sigma():
+    learned, per_pixel = (
+        make_module(sigma=0.3, sigma_mode=mode) for mode in ("learned", "per_pixel")
+    )
+    assert learned.vae.likelihood.log_sigma.shape == ()
+    assert per_pixel.vae.likelihood.log_sigma.shape == (3, 32, 32)
+    x = batch()
+    terms = {}
+    for name, module in (("learned", learned), ("per_pixel", per_pixel)):
+        torch.manual_seed(11)
+        terms[name] = module.compute_terms(x)
+        terms[name]["loss"].mean().backward()
+    for key in ("loss", "elbo", "bpd"):
+        torch.testing.assert_close(terms["per_pixel"][key], terms["learned"][key])
+    grad = per_pixel.vae.likelihood.log_sigma.grad
+    torch.testing.assert_close(grad.sum(), learned.vae.likelihood.log_sigma.grad)
+
+
+def test_heteroscedastic_sigma_is_the_decoders_second_half_and_starts_at_sigma():
+    module = make_module(sigma=0.1, sigma_mode="heteroscedastic")
+    assert module.vae.decoder[-1].unflattened_size == (6, 32, 32)  # doubled output channels
+    x = batch()
+    torch.manual_seed(11)
+    terms = module.compute_terms(x)
+    torch.manual_seed(11)
+    mu, logvar = module.vae.encode(x)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(1, *mu.shape, dtype=mu.dtype)[0]
+    raw = module.vae.decoder(z)
+    loc, sigma = raw[:, :3].sigmoid(), 0.1 * raw[:, 3:].exp()
+    expected = Normal(loc, sigma).log_prob(x).flatten(1).sum(1)
+    kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
+    torch.testing.assert_close(terms["elbo"], expected - kl)
+    torch.testing.assert_close(terms["sigma"], sigma.flatten(1).mean(1))
+    assert 0.05 < terms["sigma"].mean().item() < 0.2  # starts near the configured sigma
+
+
+@pytest.mark.parametrize("mode", ["fixed", "learned", "per_pixel", "heteroscedastic"])
+def test_sigma_has_its_floor_in_every_mode(mode):
+    head = GaussianLikelihood(sigma=1e-6, sigma_mode=mode)
+    out = torch.full((2, head.out_channels, 32, 32), -30.0)
+    assert head(out).scale.min().item() == pytest.approx(1e-3)
+
+
+def test_discrete_likelihoods_report_code_lengths():
+    """bpd = -ELBO / (D ln 2) with a probability, no log 256 added; with the same decoder, the
+    discretized Gaussian's probability is at most the density times the bin volume."""
+    x = batch()
+    terms = {}
+    for kind in ("gaussian", "discretized_gaussian", "logistic_mixture"):
+        module = make_module(sigma=0.2, likelihood={"kind": kind, "num_mixtures": 2})
+        torch.manual_seed(11)
+        terms[kind] = module.compute_terms(x)
+    for kind in ("discretized_gaussian", "logistic_mixture"):
+        torch.testing.assert_close(terms[kind]["bpd"], -terms[kind]["elbo"] / (D * math.log(2)))
+    gaussian_bpd = -terms["gaussian"]["elbo"] / (D * math.log(2)) + 8
+    torch.testing.assert_close(terms["gaussian"]["bpd"], gaussian_bpd)
+    assert torch.all(terms["discretized_gaussian"]["bpd"] < gaussian_bpd)  # sigma >> bin width
+
+
+def test_iwae_objective_is_the_k_sample_bound():
+    module = make_module(sigma=0.2, objective="iwae", iwae_samples=5)
+    x = batch(3)
+    torch.manual_seed(11)
+    terms = module.compute_terms(x, module.iwae_samples)
+    torch.manual_seed(11)
+    mu, logvar = module.vae.encode(x)
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * torch.randn(5, *mu.shape, dtype=mu.dtype)
+    x_hat = module.vae.decoder(z.flatten(0, 1)).sigmoid().view(5, *x.shape)
+    log_px_z = Normal(x_hat, 0.2).log_prob(x).flatten(2).sum(2)
+    log_w = log_px_z + Normal(0.0, 1.0).log_prob(z).sum(2) - Normal(mu, std).log_prob(z).sum(2)
+    iwae = torch.logsumexp(log_w, 0) - math.log(5)
+    torch.testing.assert_close(terms["loss"], -iwae)
+    kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
+    torch.testing.assert_close(terms["elbo"], log_px_z.mean(0) - kl)
+    # validation and test keep the one-sample ELBO
+    assert module.compute_terms(x)["loss"].shape == (3,)
+
+
+def test_the_latent_grid_scores_any_likelihood():
+    """The grid's general path (every image-point pair through log_prob) agrees with its fast
+    path for one Gaussian sigma, and gives log-probabilities (<= 0) for the discrete ones."""
+
+    def grid(sigma_mode: str = "fixed", kind: str = "gaussian") -> torch.Tensor:
+        torch.manual_seed(0)
+        likelihood = {"kind": kind, "num_mixtures": 2}
+        module = VAELitModule(
+            arch=MLP,
+            optimizer=ADAM,
+            latent_dim=2,
+            sigma=0.3,
+            sigma_mode=sigma_mode,
+            likelihood=likelihood,
+        ).double()
+        return grid_log_likelihood(module.vae, batch(3), 12, 4.0, max_batch=20).log_px
+
+    torch.testing.assert_close(grid("per_pixel"), grid("fixed"))
+    for kind in ("discretized_gaussian", "logistic_mixture"):
+        assert torch.all(grid(kind=kind) < 0)
