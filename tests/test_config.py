@@ -42,11 +42,33 @@ def test_defaults_are_valid():
         ("model.free_bits=-1", "model.free_bits", ">= 0"),
         ("model.skip_grad_norm=0", "model.skip_grad_norm", "null or > 0"),
         ("model.kl_schedule.kind=cosine", "model.kl_schedule.kind", "constant, linear, cyclical"),
+        (
+            "model.likelihood.kind=poisson",
+            "model.likelihood.kind",
+            "gaussian, discretized_gaussian",
+        ),
+        ("model.objective=vi", "model.objective", "elbo or iwae"),
+        ("model.objective=iwae model.iwae_samples=0", "model.iwae_samples", "integer >= 1"),
+        (
+            "model/likelihood=logistic_mixture model.likelihood.num_mixtures=0",
+            "model.likelihood.num_mixtures",
+            "integer >= 1",
+        ),
+        (
+            "model/likelihood=logistic_mixture model.sigma_mode=learned",
+            "model.sigma_mode",
+            "the decoder outputs every scale",
+        ),
+        (
+            "model.objective=iwae model.beta=0.5 model.free_bits=0.1",
+            "model.objective",
+            "no model.beta, model.free_bits (set to 0.5, 0.1)",
+        ),
     ],
 )
 def test_bad_values_name_key_and_allowed_values(override, key, allowed):
     with pytest.raises(ConfigError) as err:
-        validate_config(composed(override))
+        validate_config(composed(*override.split()))
     message = str(err.value)
     assert message.startswith(f"{key}=") and allowed in message
 

@@ -98,6 +98,7 @@ def test_evaluate_starts_from_the_training_runs_config(cifar_dir, tmp_path):
     """The data scaling, seed, batch size and W&B settings are the training run's; the command
     line can still change them, with the training keys."""
     train_args = [f"data.data_dir={cifar_dir}", *TRAIN, "model.latent_dim=2"]
+    train_args += ["model/likelihood=logistic_mixture", "model.likelihood.num_mixtures=2"]
     run_train([*train_args, "data.dequantize=false", "seed=5"], cwd=tmp_path / "train")
     ckpt = next((tmp_path / "train").glob("outputs/runs/*/*/checkpoints/last.ckpt"))
     args = [f"ckpt_path={ckpt}", "eval.limit=8", "eval.num_samples=2", "eval.grid_points=8"]
@@ -108,7 +109,12 @@ def test_evaluate_starts_from_the_training_runs_config(cifar_dir, tmp_path):
     assert plain["data"]["batch_size"] == 16 and plain["data"]["data_dir"] == str(cifar_dir)
     assert plain["logger"].keys() == {"csv"} and plain["model"]["latent_dim"] == 2
     assert plain["trainer"]["accelerator"] == "auto"
+    assert plain["model"]["likelihood"] == {"kind": "logistic_mixture", "num_mixtures": 2}
     assert not (eval_output(tmp_path / "plain") / "wandb").exists()
+    results = json.loads((eval_output(tmp_path / "plain") / "eval.json").read_text())
+    for name in ("elbo", "iwae", "grid"):  # a probability of the 8-bit image: no log 256 added
+        code_length = -results[f"{name}_nats"] / (3072 * 0.6931471805599453)
+        assert results[f"{name}_bpd"] == pytest.approx(code_length)
 
     moved = tmp_path / "moved"
     shutil.copytree(cifar_dir, moved)
@@ -156,22 +162,24 @@ def test_evaluate_requires_a_checkpoint(tmp_path):
     assert "ckpt_path is required" in proc.stderr
 
 
-def test_report_of_a_two_job_multirun(cifar_dir, tmp_path):
-    run_train(["-m", "model.latent_dim=2,8", f"data.data_dir={cifar_dir}", *TRAIN], cwd=tmp_path)
+def test_report_of_a_multirun_comparing_likelihoods(cifar_dir, tmp_path):
+    likelihoods = "model/likelihood=gaussian,discretized_gaussian,logistic_mixture"
+    run_train(["-m", likelihoods, f"data.data_dir={cifar_dir}", *TRAIN], cwd=tmp_path)
     (sweep,) = tmp_path.glob("outputs/multiruns/*/*")
     jobs = load_jobs(sweep)
-    assert [j["overrides"]["model.latent_dim"] for j in jobs] == [2, 8]
-    assert swept_parameters(jobs) == ["model.latent_dim"]
+    kinds = ["gaussian", "discretized_gaussian", "logistic_mixture"]
+    assert [j["overrides"]["model/likelihood"] for j in jobs] == kinds
+    assert swept_parameters(jobs) == ["model/likelihood"]
 
     proc = run_module("vae_lightning.report", [str(sweep)], cwd=tmp_path)
     table = (sweep / "report.md").read_text()
-    assert table.splitlines()[0].startswith("| job | model.latent_dim | val/bpd")
+    assert table.splitlines()[0].startswith("| job | model/likelihood | val/bpd")
     assert proc.stdout.startswith(table.splitlines()[0])
     csv_lines = (sweep / "report.csv").read_text().splitlines()
-    assert len(csv_lines) == 3 and csv_lines[1].startswith("0,2,")
+    assert len(csv_lines) == 4 and csv_lines[1].startswith("0,gaussian,")
     for job, line in zip(jobs, csv_lines[1:], strict=True):
         assert f"{job['metrics']['test/bpd']}" in line
-    assert (sweep / "test_bpd_vs_model.latent_dim.png").stat().st_size > 1000
+    assert (sweep / "test_bpd_vs_model_likelihood.png").stat().st_size > 1000
 
 
 def test_report_marks_jobs_without_metrics(tmp_path):

@@ -11,8 +11,8 @@ def nan_at_step(module: VAELitModule, bad_step: int) -> None:
     """Make the loss NaN for the batch of global step ``bad_step``."""
     compute = module.compute_terms
 
-    def poisoned(x):
-        terms = compute(x)
+    def poisoned(x, *args):
+        terms = compute(x, *args)
         if module.trainer.training and module.global_step == bad_step:
             terms["loss"] = terms["loss"] * float("nan")
         return terms
@@ -42,11 +42,11 @@ def test_nan_loss_can_skip_the_step_instead(cifar_dir, tmp_path):
     snapshots = {}
     compute = module.compute_terms
 
-    def recording(x):  # the weights each training step starts from
+    def recording(x, *args):  # the weights each training step starts from
         if module.trainer.training:
             weights = [p.detach().flatten() for p in module.parameters()]
             snapshots[module.global_step] = torch.cat(weights)
-        return compute(x)
+        return compute(x, *args)
 
     module.compute_terms = recording
     nan_at_step(module, bad_step=2)
@@ -63,15 +63,15 @@ def test_a_nonfinite_batch_skips_its_whole_accumulated_update(cifar_dir, tmp_pat
     weights: dict[int, torch.Tensor] = {}
     compute = module.compute_terms
 
-    def poisoned(x):
+    def poisoned(x, *args):
         if module.trainer.training:
             batch = len(weights)
             weights[batch] = torch.cat([p.detach().flatten() for p in module.parameters()])
-            terms = compute(x)
+            terms = compute(x, *args)
             if batch == 2:  # the first batch of the second update
                 terms["loss"] = terms["loss"] * float("nan")
             return terms
-        return compute(x)
+        return compute(x, *args)
 
     module.compute_terms = poisoned
     fit_in_process(

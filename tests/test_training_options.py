@@ -129,10 +129,10 @@ def test_the_schedule_sets_the_training_loss_beta(cifar_dir, tmp_path):
     seen = []
     compute = module.compute_terms
 
-    def recording(x, iwae_samples=None):
+    def recording(x, *args):
         if module.trainer.training:
             seen.append(module.current_beta())
-        return compute(x, iwae_samples)
+        return compute(x, *args)
 
     module.compute_terms = recording
     _fit(module, cifar_dir, tmp_path, max_steps=6)

@@ -243,7 +243,7 @@ def check_resume_checkpoint(cfg: DictConfig) -> str | None:
             f"({type(err).__name__}): pass a .ckpt file written by vae_lightning.train."
         ) from None
     wanted = _flat_model_settings(OmegaConf.to_container(cfg.model, resolve=True))
-    found = _flat_model_settings(saved)
+    found = _flat_model_settings({"likelihood": {"kind": "gaussian"}, **saved})  # older: Gaussian
     differ = sorted(
         key for key in wanted.keys() | found.keys() if wanted.get(key) != found.get(key)
     )
