@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from tests.helpers import ADAM, MLP
+from tests.helpers import ADAM, MLP, fit_in_process
 from vae_lightning.core.estimators import grid_log_likelihood
 from vae_lightning.core.likelihoods import (
     DiscretizedGaussian,
@@ -240,3 +240,16 @@ def test_the_latent_grid_scores_any_likelihood():
     torch.testing.assert_close(grid("per_pixel"), grid("fixed"))
     for kind in ("discretized_gaussian", "logistic_mixture"):
         assert torch.all(grid(kind=kind) < 0)
+
+
+def test_training_on_the_iwae_bound_logs_it_and_validates_on_the_elbo(cifar_dir, tmp_path):
+    """A fit with the IWAE objective: its training loss is the K-sample bound, at most the
+    one-sample negative ELBO that validation reports, and the weights stay finite."""
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, objective="iwae", iwae_samples=4)
+    trainer = fit_in_process(
+        module, cifar_dir, tmp_path, batch_size=8, max_steps=6, val_check_interval=3
+    )
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/bpd"])
+    assert metrics["train/loss"] <= -metrics["train/elbo"] + 1e-3
+    assert all(torch.isfinite(p).all() for p in module.parameters())
