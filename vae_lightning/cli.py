@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from vae_lightning.config import ConfigError
 from vae_lightning.data.cifar10 import DatasetCorruptError, DatasetNotFoundError
+from vae_lightning.evaluation.fid import FIDUnavailableError
 from vae_lightning.launch.hydra_callbacks import JobFailed
 from vae_lightning.launch.multirun import is_multirun, sweep_group
 from vae_lightning.launch.run_files import RunFilesNotFoundError
@@ -31,6 +32,7 @@ KNOWN_ERRORS = (
     PermissionError,
     NonFiniteLossError,
     RunFilesNotFoundError,
+    FIDUnavailableError,
 )
 """Errors whose message says what went wrong and what to do: shown without a traceback."""
 
