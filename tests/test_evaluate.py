@@ -54,6 +54,7 @@ def test_evaluate_writes_every_estimate_and_fid_with_a_custom_extractor(
             f"data.data_dir={cifar_dir}",
             *EVAL,
             f"eval.fid.feature_extractor={extractor}",
+            f"eval.fid.cache_dir={tmp_path / 'fid'}",
             "logger=wandb",  # the training run logged to CSV only
         ],
         cwd=tmp_path,
@@ -66,6 +67,7 @@ def test_evaluate_writes_every_estimate_and_fid_with_a_custom_extractor(
     assert results["latent_dim"] == 2 and len(results["kl_per_dim"]) == 2
     assert results["iwae_nats"] >= results["elbo_nats"] - 1.0
     assert results["fid_samples"] >= 0 and results["fid_reconstructions"] >= 0
+    assert results["fid_num_images"] == 16 and results["fid_network"].startswith("torchscript:")
     bpd = -results["iwae_nats"] / (3072 * 0.6931471805599453) + 8
     assert results["iwae_bpd"] == pytest.approx(bpd)
     for name in ("reconstructions", "samples", "interpolations", "traversals"):

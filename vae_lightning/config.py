@@ -14,6 +14,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from vae_lightning.core.kl_schedule import KINDS as KL_KINDS
 from vae_lightning.core.likelihoods import LIKELIHOODS, SIGMA_MODES
+from vae_lightning.evaluation.fid import NETWORKS
 from vae_lightning.launch.run_files import flatten
 from vae_lightning.training.loggers import WANDB_MODES
 
@@ -70,6 +71,11 @@ def _check_checkpoint(cfg: DictConfig) -> None:
 def validate_eval_config(cfg: DictConfig) -> None:
     """Like ``validate_config``, for ``vae_lightning.evaluate``."""
     _check_checkpoint(cfg)
+    network = _get(cfg, "eval.fid.network")
+    _check(network in NETWORKS, "eval.fid.network", network, "tf_inception or torch_fidelity")
+    for key in ("eval.fid.num_samples", "eval.fid.batch_size"):
+        value = _get(cfg, key)
+        _check(_is_int(value) and value >= 2, key, value, "an integer >= 2")
     for key in ("eval.num_samples", "eval.max_batch", "eval.grid_points", "data.batch_size"):
         value = _get(cfg, key)
         _check(_is_int(value) and value >= 1, key, value, "an integer >= 1")

@@ -22,7 +22,13 @@ from rich.table import Table
 
 from vae_lightning.cli import CONFIG_DIR, one_line_errors, quiet_third_party_warnings
 from vae_lightning.config import build, validate_eval_config
-from vae_lightning.evaluation.metrics import fid_metric, fid_scores, likelihood_metrics, save_grids
+from vae_lightning.evaluation.fid import (
+    DEFAULT_CACHE,
+    FIDUnavailableError,
+    build_extractor,
+    file_digest,
+)
+from vae_lightning.evaluation.metrics import fid_scores, likelihood_metrics, save_grids
 from vae_lightning.launch.plugins import check_plugins
 from vae_lightning.launch.run_files import save_resolved_config
 from vae_lightning.training.lit_module import VAELitModule
@@ -84,6 +90,29 @@ def print_table(results: dict[str, Any]) -> None:
     Console().print(table)
 
 
+def _fid(cfg: DictConfig, vae, images: torch.Tensor, ckpt_path: Path) -> dict[str, Any]:
+    """FID of prior samples and reconstructions against the first ``eval.fid.num_samples`` test
+    images (of those evaluated); skipped with one line when the network cannot be had."""
+    fid = cfg.eval.fid
+    try:
+        extractor = build_extractor(fid.network, fid.feature_extractor, fid.inception_weights)
+    except FIDUnavailableError as err:
+        log.warning(f"FID skipped: {err}.")
+        return {}
+    started = time.perf_counter()
+    scores = fid_scores(
+        extractor,
+        vae,
+        images[: fid.num_samples],
+        cfg.data.data_dir,
+        Path(fid.cache_dir) if fid.cache_dir else DEFAULT_CACHE,
+        file_digest(ckpt_path),
+        cfg.seed,
+        fid.batch_size,
+    )
+    return {**scores, "fid_network": extractor.name, "fid_seconds": time.perf_counter() - started}
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Every measurement of ``vae_lightning.evaluation`` for the checkpoint ``cfg.ckpt_path``,
     with ``cfg`` a training run's config (see ``run_config``)."""
@@ -114,9 +143,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     results["likelihood_seconds"] = time.perf_counter() - started
     if settings.fid.enabled:
-        metric = fid_metric(settings.fid.feature_extractor, settings.fid.inception_weights)
-        if metric is not None:
-            results |= fid_scores(metric, vae, images, cfg.data.batch_size)
+        results |= _fid(cfg, vae, images, ckpt_path)
     grids = save_grids(
         vae, images, output_dir / "images", torch.tensor(results["mu_variance_per_dim"])
     )

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default="data", help="the folder of cifar-10-batches-py/")
     parser.add_argument("--num-train", type=int, default=50_000)
     parser.add_argument("--num-test", type=int, default=10_000)
-    parser.add_argument("--network", default="tf_inception", choices=NETWORKS[:2])
+    parser.add_argument("--network", default="tf_inception", choices=NETWORKS)
     parser.add_argument("--feature-extractor", default=None, help="a TorchScript file instead")
     parser.add_argument("--inception-weights", default=None, help="a local weights file")
     parser.add_argument("--batch-size", type=int, default=200)

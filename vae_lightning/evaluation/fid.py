@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from vae_lightning.data.cifar10 import BASE_FOLDER, TEST_FILES, TRAIN_FILES, rea
 
 log = logging.getLogger(__name__)
 
-NETWORKS = ("tf_inception", "torch_fidelity", "torchscript")
+NETWORKS = ("tf_inception", "torch_fidelity")
 TF_INCEPTION_FILE = "default_1.pt"
 TF_INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INCEPTION_SIZE = 299
@@ -47,6 +48,14 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
+    """A TorchScript file, without torch's notice that TorchScript is deprecated (the networks
+    FID needs are published in that format)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch.jit.load` is deprecated")
+        return torch.jit.load(str(path), map_location="cpu")
 
 
 def tf_bilinear_resize(x: Tensor, size: int = INCEPTION_SIZE) -> Tensor:
@@ -75,7 +84,7 @@ class TFInception(nn.Module):
     def __init__(self, path: str | Path | None = None) -> None:
         super().__init__()
         path = check_tf_inception_file(Path(path)) if path else tf_inception_file()
-        self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        self.net = load_torchscript(path).eval()
         self.name = f"tf_inception:{TF_INCEPTION_SHA1[:12]}"
 
     def forward(self, images: Tensor) -> Tensor:
@@ -129,7 +138,7 @@ class ScriptedExtractor(nn.Module):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        self.net = torch.jit.load(str(path), map_location="cpu")
+        self.net = load_torchscript(path)
         self.name = f"torchscript:{file_digest(Path(path))[:12]}"
 
     def forward(self, images: Tensor) -> Tensor:

@@ -1,15 +1,13 @@
 """How good a trained VAE is on a set of 8-bit images: likelihood estimates, reconstructions,
 latent usage, FID, and image grids."""
 
-import copy
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
-from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import make_grid, save_image
 
 from vae_lightning.core.elbo import kl_per_dimension, squared_error
@@ -17,6 +15,14 @@ from vae_lightning.core.estimators import grid_log_likelihood, sampled_estimates
 from vae_lightning.core.posterior import active_units
 from vae_lightning.core.vae import VAE
 from vae_lightning.data.cifar10 import to_unit_interval
+from vae_lightning.evaluation.fid import (
+    FeatureStats,
+    cached_statistics,
+    feature_statistics,
+    frechet_distance,
+    generated_slices,
+    real_statistics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,49 +107,47 @@ def likelihood_metrics(
     return results
 
 
-def fid_metric(
-    feature_extractor: str | None, inception_weights: str | None
-) -> FrechetInceptionDistance | None:
-    """A FID metric from a TorchScript feature extractor, local Inception weights, or the
-    downloaded Inception weights; None (with one log line) when none of them can be had."""
-    if feature_extractor:
-        extractor = torch.jit.load(feature_extractor)
-        return FrechetInceptionDistance(
-            feature=extractor, normalize=True, input_img_size=(3, 32, 32)
-        )
-    try:
-        return FrechetInceptionDistance(
-            feature=2048, normalize=True, feature_extractor_weights_path=inception_weights
-        )
-    except (OSError, RuntimeError, ModuleNotFoundError) as err:
-        log.warning(
-            "FID skipped: the Inception weights could not be loaded (%s). Set "
-            "eval.fid.inception_weights=<weights file> or eval.fid.feature_extractor="
-            "<TorchScript file>, or run once with a network.",
-            str(err).splitlines()[0],
-        )
-        return None
-
-
 @torch.no_grad()
 def fid_scores(
-    metric: FrechetInceptionDistance, vae: VAE, images: Tensor, batch_size: int
+    extractor: nn.Module,
+    vae: VAE,
+    images: Tensor,
+    data_dir: str,
+    cache_dir: Path,
+    checkpoint_digest: str,
+    seed: int,
+    batch_size: int,
 ) -> dict[str, float]:
-    """FID of prior samples and of reconstructions (z = mu), each against ``images``."""
+    """FID of ``len(images)`` prior samples (decoder means, z ~ N(0, I)) and of the
+    reconstructions of ``images`` (decoder means at z = mu) against ``images``, the first N test
+    images: the real statistics are cached per data files and N, and those of the generated
+    sets per checkpoint, seed and N, so a repeated or interrupted evaluation resumes."""
     device = next(vae.parameters()).device
-    metric = metric.to(device)
-    for x in batches(images, batch_size, device, dequantize=False):
-        metric.update(x, real=True)
-    fakes: dict[str, Callable[[Tensor], Tensor]] = {
-        "fid_samples": lambda x: vae.sample(len(x)),
-        "fid_reconstructions": lambda x: vae.decode(vae.encode(x)[0]),
-    }
+    extractor = extractor.to(device)
+    n = len(images)
+    real = real_statistics(extractor, data_dir, "test", n, cache_dir, device, batch_size)
+
+    def samples(start: int, stop: int) -> Tensor:
+        generator = torch.Generator(device).manual_seed(seed + start)
+        return vae.sample(stop - start, generator=generator)
+
+    def reconstructions(start: int, stop: int) -> Tensor:
+        x = to_unit_interval(images[start:stop].to(device), dequantize=False)
+        return vae.decode(vae.encode(x)[0])
+
     scores = {}
-    for name, make_fake in fakes.items():
-        with_fakes = copy.deepcopy(metric)
-        for x in batches(images, batch_size, device, dequantize=False):
-            with_fakes.update(make_fake(x).clamp(0, 1).to(x.dtype), real=False)
-        scores[name] = with_fakes.compute().item()
+    for name, make in (("fid_samples", samples), ("fid_reconstructions", reconstructions)):
+        key = {"network": extractor.name, "checkpoint": checkpoint_digest, "set": name, "n": n}
+        key["seed"] = seed
+
+        def compute(partial: Path, make=make, name=name) -> FeatureStats:
+            what = name.removeprefix("fid_").replace("_", " ")
+            return feature_statistics(
+                extractor, generated_slices(make), n, what, partial, batch_size
+            )
+
+        scores[name] = frechet_distance(cached_statistics(cache_dir, key, compute), real)
+    scores["fid_num_images"] = n
     return scores
 
 

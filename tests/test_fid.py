@@ -1,0 +1,168 @@
+"""FID: the Fréchet distance, the streaming statistics, the TF resize, caching and resuming."""
+
+import json
+import math
+
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.helpers import run_module
+from vae_lightning.evaluation.fid import (
+    FeatureStats,
+    FIDUnavailableError,
+    TFInception,
+    build_extractor,
+    cached_statistics,
+    feature_statistics,
+    frechet_distance,
+    image_slices,
+    tf_bilinear_resize,
+    tf_inception_file,
+)
+
+
+def stats_of(features: torch.Tensor) -> FeatureStats:
+    stats = FeatureStats.empty(features.shape[1])
+    stats.add(features)
+    return stats
+
+
+def test_streaming_statistics_equal_the_mean_and_covariance_of_all_features():
+    features = torch.randn(500, 7, dtype=torch.float64) @ torch.randn(7, 7, dtype=torch.float64)
+    stats = FeatureStats.empty(7)
+    for part in features.split(64):
+        stats.add(part)
+    torch.testing.assert_close(stats.mean, features.mean(0))
+    torch.testing.assert_close(stats.covariance, torch.cov(features.T))
+
+
+def test_frechet_distance_equals_scipys_sqrtm_formula_and_the_1d_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 6, generator=gen, dtype=torch.float64)
+    b = (
+        0.5
+        * torch.randn(300, 6, generator=gen, dtype=torch.float64)
+        @ torch.randn(6, 6, generator=gen, dtype=torch.float64)
+        + 1.0
+    )
+    sa, sb = stats_of(a), stats_of(b)
+    cov_a, cov_b = sa.covariance.numpy(), sb.covariance.numpy()
+    root = scipy.linalg.sqrtm(cov_a @ cov_b).real
+    expected = ((sa.mean - sb.mean) ** 2).sum().item() + (cov_a + cov_b - 2 * root).trace()
+    assert frechet_distance(sa, sb) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(sa, sa) == pytest.approx(0.0, abs=1e-9)
+    # one dimension: (mu_a - mu_b)^2 + (s_a - s_b)^2
+    x, y = a[:, :1], 3.0 * a[:, 1:2] - 2.0
+    sx, sy = stats_of(x), stats_of(y)
+    closed = (sx.mean - sy.mean).item() ** 2 + (
+        math.sqrt(sx.covariance.item()) - math.sqrt(sy.covariance.item())
+    ) ** 2
+    assert frechet_distance(sx, sy) == pytest.approx(closed, rel=1e-9)
+
+
+def test_tf_resize_samples_the_input_at_j_times_in_over_out():
+    """The same resize written as TensorFlow-style sampling with grid_sample (an affine grid
+    shifted by 1/in - 1/out), and two properties of it."""
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    theta = torch.eye(2, 3, dtype=torch.float64)
+    theta[:, 2] += 1 / 32 - 1 / 299
+    grid = F.affine_grid(theta.expand(2, 2, 3), [2, 3, 299, 299], align_corners=False)
+    reference = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    resized = tf_bilinear_resize(x)
+    torch.testing.assert_close(resized, reference)
+    torch.testing.assert_close(resized[..., 0, 0], x[..., 0, 0])  # output 0 samples input 0
+    flat = torch.full((1, 3, 32, 32), 7.0, dtype=torch.float64)
+    torch.testing.assert_close(tf_bilinear_resize(flat), torch.full((1, 3, 299, 299), 7.0).double())
+
+
+class CountingExtractor(nn.Module):
+    """Mean colour and spread per channel; raises after ``fail_after`` calls, if set."""
+
+    name = "counting"
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__()
+        self.calls = 0
+        self.images = 0
+        self.fail_after = fail_after
+
+    def forward(self, images):
+        if self.fail_after is not None and self.calls == self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        self.images += len(images)
+        x = images.float().flatten(2)
+        return torch.cat([x.mean(2), x.std(2)], dim=1)
+
+
+def test_an_interrupted_pass_resumes_after_its_last_saved_chunk(tmp_path):
+    images = torch.randint(0, 256, (950, 3, 32, 32), dtype=torch.uint8)
+    slices = image_slices(images, torch.device("cpu"))
+    partial = tmp_path / "pass.partial.pt"
+    with pytest.raises(KeyboardInterrupt):  # stopped in the batch of images 700:800
+        feature_statistics(CountingExtractor(7), slices, 950, "x", partial, 100, chunk=300)
+    assert torch.load(partial, weights_only=True)["count"] == 600
+    resumed_extractor = CountingExtractor()
+    resumed = feature_statistics(resumed_extractor, slices, 950, "x", partial, 100, chunk=300)
+    assert resumed_extractor.images == 350  # only what the saved statistics did not count
+    whole = feature_statistics(CountingExtractor(), slices, 950, "x", None, 100)
+    assert resumed.count == whole.count == 950
+    torch.testing.assert_close(resumed.total, whole.total)
+    torch.testing.assert_close(resumed.outer, whole.outer)
+
+
+def test_statistics_are_cached_under_their_key(tmp_path):
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    extractor = CountingExtractor()
+
+    def compute(partial):
+        return feature_statistics(extractor, image_slices(images, "cpu"), 40, "x", partial, 10)
+
+    first = cached_statistics(tmp_path, {"n": 40, "files": "abc"}, compute)
+    again = cached_statistics(tmp_path, {"files": "abc", "n": 40}, compute)
+    assert extractor.images == 40 and again.count == first.count == 40
+    torch.testing.assert_close(again.outer, first.outer)
+    cached_statistics(tmp_path, {"n": 40, "files": "abd"}, compute)  # other data: computed
+    assert extractor.images == 80
+    assert not list(tmp_path.glob("*.partial.pt"))
+
+
+def test_a_missing_network_says_what_to_install_or_set(tmp_path):
+    with pytest.raises(FIDUnavailableError, match=r"default_1\.pt"):
+        build_extractor("tf_inception", inception_weights=str(tmp_path / "nothing.pt"))
+    (tmp_path / "other.pt").write_bytes(b"not the network")
+    with pytest.raises(FIDUnavailableError, match="another SHA-1"):
+        build_extractor("tf_inception", inception_weights=str(tmp_path / "other.pt"))
+
+
+def test_the_tf_inception_network_gives_pool3_features():
+    try:
+        path = tf_inception_file()
+    except FIDUnavailableError:
+        pytest.skip("the fid extra is not installed")
+    network = TFInception(path)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        features = network(images)
+    assert features.shape == (2, 2048) and features.min() >= 0  # after ReLU and pooling
+    with torch.no_grad():
+        torch.testing.assert_close(network(images[:1]), features[:1], atol=1e-4, rtol=1e-4)
+
+
+def test_the_fid_command_compares_the_splits_and_caches_them(cifar_dir, tmp_path):
+    extractor = tmp_path / "features.pt"
+    torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(3072, 5))).save(str(extractor))
+    args = [f"--data-dir={cifar_dir}", f"--feature-extractor={extractor}", "--batch-size=16"]
+    args += [f"--cache-dir={tmp_path / 'cache'}", f"--output={tmp_path / 'fid.json'}"]
+    args += ["--num-train=40", "--num-test=12"]
+    proc = run_module("vae_lightning.fid", args, cwd=tmp_path)
+    assert proc.stdout.startswith("FID(train 40, test 12) = ")
+    result = json.loads((tmp_path / "fid.json").read_text())
+    assert result["num_train"] == 40 and result["num_test"] == 12 and result["fid"] > 0
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    again = run_module("vae_lightning.fid", args, cwd=tmp_path)
+    assert "FID features" not in again.stderr  # both sets from the cache
+    assert json.loads((tmp_path / "fid.json").read_text())["fid"] == result["fid"]
