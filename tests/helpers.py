@@ -25,15 +25,35 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data"
 
 
-def write_cifar10(root: Path, images_per_file: int = 16, seed: int = 0) -> Path:
-    """Write data_batch_1..5, test_batch and batches.meta with random images; return root."""
+def structured_images(rng: np.random.Generator, count: int, patterns: np.ndarray) -> np.ndarray:
+    """8-bit images with a few latent factors: a sigmoid of a random combination of the smooth
+    ``patterns`` (4, 3, 32, 32), plus noise; a VAE learns them in a few hundred steps."""
+    factors = rng.normal(size=(count, 4))
+    logits = np.tensordot(factors, patterns, axes=1) + rng.normal(
+        scale=0.1, size=(count, 3, 32, 32)
+    )
+    return np.round(255 / (1 + np.exp(-logits))).astype(np.uint8).reshape(count, 3072)
+
+
+def write_cifar10(
+    root: Path, images_per_file: int = 16, seed: int = 0, structured: bool = False
+) -> Path:
+    """Write data_batch_1..5, test_batch and batches.meta with random images (uniform noise, or
+    ``structured_images``); return root."""
     rng = np.random.default_rng(seed)
+    if structured:  # 4x4-pixel blocks
+        patterns = np.kron(rng.normal(size=(4, 3, 8, 8)), np.ones((4, 4)))
     folder = root / BASE_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     for name in TRAIN_FILES + TEST_FILES:
+        data = (
+            structured_images(rng, images_per_file, patterns)
+            if structured
+            else rng.integers(0, 256, (images_per_file, 3072), dtype=np.uint8)
+        )
         entry = {
             "batch_label": name,
-            "data": rng.integers(0, 256, (images_per_file, 3072), dtype=np.uint8),
+            "data": data,
             "labels": rng.integers(0, 10, images_per_file).tolist(),
         }
         with open(folder / name, "wb") as f:
