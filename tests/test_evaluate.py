@@ -199,3 +199,25 @@ def test_report_marks_jobs_without_metrics(tmp_path):
     }
     table = (tmp_path / "report.md").read_text()
     assert "| 0 | 4 | 5.5000 |" in table and "without metrics.json" in table and ": 1" in table
+
+
+def test_the_results_table_evaluates_each_run_once(cifar_dir, trained_2d, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_2d.parent.parent, run)
+    extractor = tmp_path / "features.pt"
+    torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(3072, 4))).save(str(extractor))
+    overrides = [f"data.data_dir={cifar_dir}", "eval.limit=8", "eval.grid_points=8"]
+    overrides += [f"eval.fid.feature_extractor={extractor}", f"eval.fid.cache_dir={tmp_path}/fid"]
+    args = [str(run), "--num-samples=3", *[f"--set={o}" for o in overrides]]
+    proc = run_module("vae_lightning.results", args, cwd=tmp_path)
+    results = json.loads((run / "evaluation" / "eval.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    header, _, row = (run / "results.md").read_text().splitlines()
+    assert header.startswith("| run | test ELBO bpd | test IWAE bpd | K | FID samples |")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"{results['elbo_bpd']:.3f}" and cells[3] == "3"
+    assert cells[4] == f"{results['fid_samples']:.3f}" and cells[6] == "8"
+    assert cells[10] == f"{metrics['num_params'] / 1e6:.3f}" and cells[12] == "CPU"
+    assert "model.latent_dim=2" in cells[0] and proc.stdout.startswith(header)
+    again = run_module("vae_lightning.results", args, cwd=tmp_path)
+    assert "Evaluating" not in again.stderr  # the evaluation is reused

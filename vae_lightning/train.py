@@ -2,6 +2,7 @@
 
 import logging
 import sys
+import time
 
 import hydra
 import lightning as L
@@ -22,6 +23,7 @@ from vae_lightning.launch.run_files import (
     flatten,
     last_checkpoint,
     save_final_metrics,
+    save_hardware,
     save_resolved_config,
 )
 from vae_lightning.training.loggers import finish_wandb_run
@@ -60,7 +62,10 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     try:
         with isolated_ddp_job():
+            started = time.perf_counter()
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            metrics["fit_seconds"] = time.perf_counter() - started
+            metrics["num_params"] = float(sum(p.numel() for p in model.parameters()))
             metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
             checkpoint = trainer.checkpoint_callback
             if checkpoint and checkpoint.best_model_score is not None:
@@ -73,6 +78,7 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
         finish_wandb_run()
     if rank_zero_only.rank == 0:
         save_final_metrics(metrics, cfg.paths.output_dir)
+        save_hardware(trainer, cfg.paths.output_dir)
     return metrics
 
 

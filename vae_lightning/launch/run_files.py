@@ -1,10 +1,12 @@
-"""The files a run leaves in its folder: the resolved config, the final metrics, and the
-checkpoint a requeued or re-run job resumes from."""
+"""The files a run leaves in its folder: the resolved config, the final metrics, the hardware
+it ran on, and the checkpoint a requeued or re-run job resumes from."""
 
 import json
+import platform
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -42,4 +44,21 @@ def save_final_metrics(metrics: dict[str, float], output_dir: str | Path) -> Pat
     """``metrics.json``: the last train step's, last validation's and the test's metrics."""
     path = Path(output_dir) / "metrics.json"
     path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2))
+    return path
+
+
+def save_hardware(trainer: Any, output_dir: str | Path) -> Path:
+    """``hardware.json``: the devices the run trained on (processes, accelerator, device name,
+    CPU threads, precision), so that its wall time can be read."""
+    cuda = trainer.strategy.root_device.type == "cuda"
+    device = torch.cuda.get_device_name(trainer.strategy.root_device) if cuda else "CPU"
+    info = {
+        "device": device,
+        "processes": trainer.world_size,
+        "cpu": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "precision": str(trainer.precision),
+        "torch": torch.__version__,
+    }
+    path = Path(output_dir) / "hardware.json"
+    path.write_text(json.dumps(info, indent=2))
     return path

@@ -1,0 +1,163 @@
+"""The results table of finished runs: ``python -m vae_lightning.results <run or sweep folder>...``.
+
+For every run folder (a folder given, or the job folders of a sweep folder given), evaluates its
+best checkpoint with ``vae_lightning.evaluate`` into ``<run>/evaluation`` (kept: a later call
+reuses it), then writes ``results.md`` and ``results.csv``: test ELBO and IWAE bits/dim, FID of
+prior samples and of reconstructions, PSNR, SSIM, active units, parameters, training time and
+the hardware it trained on.
+"""
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from vae_lightning.cli import one_line_errors
+from vae_lightning.launch.run_files import RunFilesNotFoundError
+
+COLUMNS = {
+    "run": "run",
+    "elbo_bpd": "test ELBO bpd",
+    "iwae_bpd": "test IWAE bpd",
+    "num_samples": "K",
+    "fid_samples": "FID samples",
+    "fid_reconstructions": "FID recon.",
+    "fid_num_images": "FID N",
+    "psnr": "PSNR",
+    "ssim": "SSIM",
+    "active_units": "active units",
+    "num_params": "params (M)",
+    "fit_minutes": "train time (min)",
+    "hardware": "trained on",
+}
+
+
+def is_run_folder(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
+
+
+def run_folders(paths: list[Path]) -> list[Path]:
+    """The run folders among ``paths`` and their sub-folders (the jobs of a sweep)."""
+    runs = []
+    for path in paths:
+        found = [path] if is_run_folder(path) else sorted(filter(is_run_folder, path.glob("*")))
+        if not found:
+            raise RunFilesNotFoundError(
+                f"{path} is no run folder (config.yaml and checkpoints/) and holds none: give "
+                "outputs/runs/<date>/<time> or a sweep's outputs/multiruns/<date>/<time>"
+            )
+        runs += found
+    return runs
+
+
+def best_checkpoint(run: Path) -> Path:
+    """The checkpoint kept for the best val/bpd, else ``last.ckpt``."""
+    best = sorted(p for p in (run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+    last = run / "checkpoints" / "last.ckpt"
+    if best or last.is_file():
+        return best[0] if best else last
+    raise RunFilesNotFoundError(f"{run}/checkpoints holds no checkpoint: did the run finish?")
+
+
+def evaluation(run: Path, num_samples: int, overrides: list[str], again: bool) -> dict[str, Any]:
+    """``eval.json`` of the run's best checkpoint, computed unless it is there already."""
+    folder = run / "evaluation"
+    results = folder / "eval.json"
+    if again or not results.is_file():
+        command = [
+            sys.executable,
+            "-m",
+            "vae_lightning.evaluate",
+            f"ckpt_path={best_checkpoint(run)}",
+            f"eval.num_samples={num_samples}",
+            f"hydra.run.dir={folder}",
+            *overrides,
+        ]
+        print(f"Evaluating {run} ...", file=sys.stderr)
+        if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
+            raise RunFilesNotFoundError(f"the evaluation of {run} failed (its messages are above)")
+    return json.loads(results.read_text())
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_name(run: Path) -> str:
+    overrides_file = run / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    shown = [o for o in overrides or [] if not o.startswith(("data.data_dir=", "paths."))]
+    return " ".join(shown) or "(defaults)"
+
+
+def table_row(run: Path, results: dict[str, Any]) -> dict[str, Any]:
+    metrics = _read_json(run / "metrics.json")
+    hardware = _read_json(run / "hardware.json")
+    row = {key: results.get(key) for key in COLUMNS}
+    row["run"] = run_name(run)
+    params = metrics.get("num_params")
+    row["num_params"] = params / 1e6 if params else None
+    seconds = metrics.get("fit_seconds")
+    row["fit_minutes"] = round(seconds / 60, 1) if seconds else None
+    if hardware:
+        processes = hardware.get("processes", 1)
+        row["hardware"] = (
+            f"{processes} x {hardware['device']}" if processes > 1 else hardware["device"]
+        )
+    return row
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def write_table(rows: list[dict[str, Any]], output_dir: Path) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row[key]) for key in COLUMNS) + " |" for row in rows]
+    markdown = output_dir / "results.md"
+    markdown.write_text("\n".join(lines) + "\n")
+    with open(output_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vae_lightning.results", description=__doc__)
+    parser.add_argument("folders", type=Path, nargs="+", help="run or sweep folders")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=1000 if torch.cuda.is_available() else 100,
+        help="K for the IWAE bound (default: 1000 on a GPU, 100 on a CPU)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="an evaluate override"
+    )
+    parser.add_argument("--again", action="store_true", help="evaluate runs evaluated before")
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: the first folder")
+    args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error(f"--num-samples={args.num_samples}: it must be at least 1")
+    with one_line_errors():
+        runs = run_folders(args.folders)
+        rows = [
+            table_row(run, evaluation(run, args.num_samples, args.set, args.again)) for run in runs
+        ]
+        markdown = write_table(rows, args.output_dir or args.folders[0])
+    print(markdown.read_text(), end="")
+    print(f"\nWrote {markdown} and results.csv")
+
+
+if __name__ == "__main__":
+    main()
