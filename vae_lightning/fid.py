@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from vae_lightning.cli import one_line_errors
+from vae_lightning.data.cifar10 import ensure_cifar10
 from vae_lightning.evaluation.fid import (
     DEFAULT_CACHE,
     NETWORKS,
@@ -25,7 +26,11 @@ from vae_lightning.evaluation.fid import (
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vae_lightning.fid", description=__doc__)
-    parser.add_argument("--data-dir", default="data", help="the folder of cifar-10-batches-py/")
+    parser.add_argument(
+        "--data-dir",
+        default="data",
+        help="the folder of cifar-10-batches-py/ (downloaded if missing)",
+    )
     parser.add_argument("--num-train", type=int, default=50_000)
     parser.add_argument("--num-test", type=int, default=10_000)
     parser.add_argument("--network", default="tf_inception", choices=NETWORKS)
@@ -41,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) < 2:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: it must be at least 2")
     with one_line_errors():
+        ensure_cifar10(args.data_dir, download=True)
         device = torch.device(args.device)
         extractor = build_extractor(args.network, args.feature_extractor, args.inception_weights)
         extractor = extractor.to(device)
