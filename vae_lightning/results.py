@@ -102,14 +102,15 @@ def table_row(run: Path, results: dict[str, Any]) -> dict[str, Any]:
     row = {key: results.get(key) for key in COLUMNS}
     row["run"] = run_name(run)
     params = metrics.get("num_params")
-    row["num_params"] = params / 1e6 if params else None
+    row["num_params"] = f"{params / 1e6:.2f}" if params else None
     seconds = metrics.get("fit_seconds")
-    row["fit_minutes"] = round(seconds / 60, 1) if seconds else None
+    row["fit_minutes"] = f"{seconds / 60:.1f}" if seconds else None
     if hardware:
+        device = hardware["device"]
+        if device == "CPU":  # with its threads: "x86_64, 2 threads"
+            device = f"CPU ({hardware['cpu'].split(', ')[-1]})"
         processes = hardware.get("processes", 1)
-        row["hardware"] = (
-            f"{processes} x {hardware['device']}" if processes > 1 else hardware["device"]
-        )
+        row["hardware"] = f"{processes} x {device}" if processes > 1 else device
     return row
 
 
