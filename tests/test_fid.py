@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers import run_module
+from vae_lightning.evaluation import fid
 from vae_lightning.evaluation.fid import (
     FeatureStats,
     FIDUnavailableError,
@@ -112,6 +113,20 @@ def test_an_interrupted_pass_resumes_after_its_last_saved_chunk(tmp_path):
     assert resumed.count == whole.count == 950
     torch.testing.assert_close(resumed.total, whole.total)
     torch.testing.assert_close(resumed.outer, whole.outer)
+
+
+def test_a_resumed_pass_reports_the_rate_of_the_images_it_computed(tmp_path, monkeypatch, capsys):
+    images = torch.randint(0, 256, (950, 3, 32, 32), dtype=torch.uint8)
+    slices = image_slices(images, torch.device("cpu"))
+    partial = tmp_path / "pass.partial.pt"
+    with pytest.raises(KeyboardInterrupt):
+        feature_statistics(CountingExtractor(7), slices, 950, "x", partial, 100, chunk=300)
+    capsys.readouterr()
+    clock = iter(range(100))  # one second per reading: the first line comes 1 s after the start
+    monkeypatch.setattr(fid.time, "perf_counter", lambda: next(clock))
+    feature_statistics(CountingExtractor(), slices, 950, "x", partial, 100, chunk=300)
+    first = capsys.readouterr().err.splitlines()[0]
+    assert "900/950 images, 300.0 images/s" in first  # 300 computed, not the 600 resumed
 
 
 def test_statistics_are_cached_under_their_key(tmp_path):

@@ -214,8 +214,9 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     return float(distance)
 
 
-def _progress_line(what: str, done: int, total: int, started: float) -> str:
-    rate = done / max(time.perf_counter() - started, 1e-9)
+def _progress_line(what: str, done: int, total: int, computed: int, started: float) -> str:
+    """``done`` of ``total`` images, at the rate of the ``computed`` ones of this pass."""
+    rate = computed / max(time.perf_counter() - started, 1e-9)
     left = (total - done) / rate if rate > 0 else math.inf
     return (
         f"FID features of {what}: {done}/{total} images, {rate:.1f} images/s, "
@@ -258,9 +259,8 @@ def feature_statistics(
                     tmp = partial_file.with_suffix(".tmp")
                     torch.save(stats.state(), tmp)
                     tmp.replace(partial_file)
-                line = _progress_line(what, stop, total, started) if stop > done_at_start else ""
-                if line:
-                    print(line, file=sys.stderr, end="\r" if show and stop < total else "\n")
+                line = _progress_line(what, stop, total, stop - done_at_start, started)
+                print(line, file=sys.stderr, end="\r" if show and stop < total else "\n")
             start = stop
     return stats
 

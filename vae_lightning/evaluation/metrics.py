@@ -137,8 +137,13 @@ def fid_scores(
 
     scores = {}
     for name, make in (("fid_samples", samples), ("fid_reconstructions", reconstructions)):
-        key = {"network": extractor.name, "checkpoint": checkpoint_digest, "set": name, "n": n}
-        key["seed"] = seed
+        key = {
+            "network": extractor.name,
+            "checkpoint": checkpoint_digest,
+            "set": name,
+            "n": n,
+            "seed": seed,
+        }
 
         def compute(partial: Path, make=make, name=name) -> FeatureStats:
             what = name.removeprefix("fid_").replace("_", " ")
