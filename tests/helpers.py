@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -167,6 +168,57 @@ def assert_run_folder(run: Path) -> None:
     assert len(list((run / "checkpoints").glob("epoch*-bpd*.ckpt"))) == 1
     for name in ("reconstructions", "samples"):
         assert list((run / "images").glob(f"{name}_epoch=*.png")), name
+
+
+def _items(items) -> dict[str, Any]:
+    """W&B's key-value records as a dict; a nested key is joined with "/"."""
+    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+
+def offline_wandb_run(folder: Path) -> dict[str, Any]:
+    """What an offline W&B run recorded, read back from its ``run-<id>.wandb`` file (LevelDB's
+    log format: 32 KiB blocks of records with a 7-byte header, after W&B's 7-byte file header;
+    each record a protobuf ``Record``): ``run`` (its ``Run`` record), ``config`` and ``summary``
+    (the last value of each key), ``history`` (one dict per logged step), ``summaries`` (the
+    summary each ``define_metric`` asked for) and ``artifacts`` (their names)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    (path,) = folder.glob("run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    found: dict[str, Any] = {"config": {}, "summary": {}, "history": []}
+    found |= {"summaries": {}, "artifacts": []}
+    position, pieces = 7, b""
+    while position + 7 <= len(data):
+        if (left := 32768 - position % 32768) < 7:
+            position += left
+            continue
+        length = int.from_bytes(data[position + 4 : position + 6], "little")
+        kind = data[position + 6]
+        pieces += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind not in (1, 4):  # a record's first or middle piece
+            continue
+        record = Record.FromString(pieces)
+        pieces = b""
+        what = record.WhichOneof("record_type")
+        if what == "run":
+            found["run"] = record.run
+            found["config"] |= _items(record.run.config.update)
+        elif what == "config":
+            found["config"] |= _items(record.config.update)
+        elif what == "summary":
+            found["summary"] |= _items(record.summary.update)
+        elif what == "history":
+            found["history"].append(_items(record.history.item))
+        elif what == "metric" and record.metric.HasField("summary"):
+            summary = record.metric.summary
+            found["summaries"][record.metric.name] = [
+                name for name in ("min", "max", "last") if getattr(summary, name)
+            ]
+        elif what == "artifact":
+            found["artifacts"].append(record.artifact.name)
+    return found
 
 
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]

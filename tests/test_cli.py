@@ -1,5 +1,6 @@
 """``python -m vae_lightning.train`` as a user runs it, on a tiny CIFAR-10 written by the tests."""
 
+import json
 import os
 import pty
 import shutil
@@ -22,6 +23,7 @@ from tests.helpers import (
     cli_env,
     last_value,
     metrics_csv,
+    offline_wandb_run,
     resolved,
     run_train,
     single_run,
@@ -40,8 +42,20 @@ def test_defaults_train_and_log_to_wandb_offline(cifar_dir, tmp_path):
     assert_run_folder(run)
     out = proc.stdout + proc.stderr
     assert "W&B: no API key" in out and f"wandb sync {run / 'wandb'}/offline-run-*" in out
-    offline_runs = list((run / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 1 and list(offline_runs[0].glob("run-*.wandb"))
+    (offline_run,) = (run / "wandb").glob("offline-run-*")
+    recorded = offline_wandb_run(offline_run)
+    # the dashboard compares runs by their best: val/bpd's summary is its minimum, and the
+    # summary holds val/bpd_best, the test metrics, the parameters and the run's speed
+    assert recorded["summaries"]["val/bpd"] == ["min"]
+    val_bpd = [step["val/bpd"] for step in recorded["history"] if "val/bpd" in step]
+    assert len(val_bpd) == 20
+    summary, metrics = recorded["summary"], json.loads((run / "metrics.json").read_text())
+    assert summary["val/bpd"] == {"min": pytest.approx(min(val_bpd))}
+    assert summary["val/bpd_best"] == pytest.approx(min(val_bpd)) == metrics["val/bpd_best"]
+    for key in ("test/bpd", "num_params", "fit_seconds", "images_per_second"):
+        assert summary[key] == pytest.approx(metrics[key]), key
+    trained = 20 * 72  # 20 epochs of the fixture's 72 training images
+    assert metrics["images_per_second"] == pytest.approx(trained / metrics["fit_seconds"])
     cfg = resolved(run)
     assert cfg["model"]["latent_dim"] == 32 and cfg["trainer"]["max_epochs"] == 20
     assert cfg["run_group"] is None

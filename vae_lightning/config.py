@@ -16,7 +16,7 @@ from vae_lightning.core.kl_schedule import KINDS as KL_KINDS
 from vae_lightning.core.likelihoods import LIKELIHOODS, SIGMA_MODES
 from vae_lightning.evaluation.fid import NETWORKS
 from vae_lightning.launch.run_files import flatten
-from vae_lightning.training.loggers import WANDB_MODES
+from vae_lightning.training.loggers import WANDB_MODES, is_log_model_choice
 
 
 class ConfigError(ValueError):
@@ -92,7 +92,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     _check(accelerator in allowed, "trainer.accelerator", accelerator, "auto, cpu or gpu")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("trainer.accelerator=gpu, but no GPU is visible: use auto or cpu.")
-    _check_wandb_mode(cfg)
+    _check_wandb(cfg)
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -155,7 +155,7 @@ def validate_config(cfg: DictConfig) -> None:
         tags,
         "a list of names, e.g. tags=[baseline,h64]",
     )
-    _check_wandb_mode(cfg)
+    _check_wandb(cfg)
     _check_checkpoint(cfg)
 
 
@@ -199,10 +199,13 @@ def _check_objective(cfg: DictConfig) -> None:
         )
 
 
-def _check_wandb_mode(cfg: DictConfig) -> None:
+def _check_wandb(cfg: DictConfig) -> None:
     mode = OmegaConf.select(cfg, "logger.wandb.mode")
     if mode is not None:
         _check(mode in WANDB_MODES, "logger.wandb.mode", mode, f"one of {WANDB_MODES}")
+    log_model = OmegaConf.select(cfg, "logger.wandb.log_model", default=False)
+    allowed = "false, true or all"
+    _check(is_log_model_choice(log_model), "logger.wandb.log_model", log_model, allowed)
 
 
 RESUMABLE_CHANGES = (

@@ -1,7 +1,9 @@
 """Summarize a sweep from disk: ``python -m vae_lightning.report <multirun folder>``.
 
 Writes ``report.md``, ``report.csv`` and one PNG plot per metric and swept parameter (one line per
-combination of the other swept parameters) into the multirun folder, and prints the table.
+combination of the other swept parameters) into the multirun folder, and prints the table. When the
+sweep's jobs logged to W&B, the table (a W&B Table) and the plots also go to a W&B run of the
+sweep's group (``--no-wandb``: not).
 """
 
 import argparse
@@ -15,6 +17,7 @@ from matplotlib.figure import Figure
 
 from vae_lightning.cli import one_line_errors
 from vae_lightning.launch.run_files import RunFilesNotFoundError
+from vae_lightning.training.loggers import choose_wandb_mode
 
 METRICS = (
     "val/bpd",
@@ -30,7 +33,8 @@ PLOTTED = ("val/bpd", "test/bpd", "test/elbo", "test/kl", "test/recon_mse")
 
 
 def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One dict per job folder: ``job``, ``overrides`` {key: value}, ``metrics`` (may be empty)."""
+    """One dict per job folder: ``job``, ``overrides`` {key: value}, ``metrics`` (may be empty)
+    and ``wandb`` (the job's W&B logger settings, None when it did not log to W&B)."""
     jobs = []
     for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
         job_dir = overrides_file.parent.parent
@@ -40,7 +44,12 @@ def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
             overrides[key] = yaml.safe_load(value)
         metrics_file = job_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        jobs.append({"job": job_dir.name, "overrides": overrides, "metrics": metrics})
+        config_file = job_dir / "config.yaml"
+        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+        wandb = (config.get("logger") or {}).get("wandb")
+        jobs.append(
+            {"job": job_dir.name, "overrides": overrides, "metrics": metrics, "wandb": wandb}
+        )
     return sorted(jobs, key=lambda j: int(j["job"]) if j["job"].isdigit() else j["job"])
 
 
@@ -136,17 +145,49 @@ def write_report(sweep_dir: Path, output_dir: Path | None = None) -> list[Path]:
     return written
 
 
+def log_report_to_wandb(sweep_dir: Path, written: list[Path]) -> str | None:
+    """Log the report in ``written`` (table first, plots after) to a W&B run in the group of the
+    sweep's W&B runs; returns the mode it logged in (online or offline), or None when no job
+    logged to W&B or W&B is disabled."""
+    settings = next((j["wandb"] for j in load_jobs(sweep_dir) if j["wandb"]), None)
+    if settings is None:
+        return None
+    mode = choose_wandb_mode(settings.get("mode", "auto"), sweep_dir)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    with open(written[1], newline="") as f:
+        rows = list(csv.reader(f))
+    group = settings.get("group")
+    run = wandb.init(
+        project=settings.get("project", "vae_lightning"),
+        group=group,
+        name=f"report {group or sweep_dir.name}",
+        job_type="report",
+        dir=sweep_dir,
+        mode=mode,
+    )
+    plots = {f"report/{path.stem}": wandb.Image(str(path)) for path in written[2:]}
+    run.log({"report/table": wandb.Table(columns=rows[0], data=rows[1:])} | plots)
+    run.finish()
+    return mode
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vae_lightning.report", description=__doc__)
     parser.add_argument(
         "sweep_dir", type=Path, help="a multirun folder: outputs/multiruns/<date>/<time>"
     )
     parser.add_argument("--output-dir", type=Path, default=None, help="default: the sweep folder")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
     args = parser.parse_args(argv)
     with one_line_errors():
         written = write_report(args.sweep_dir, args.output_dir)
     print(written[0].read_text(), end="")
     print(f"\nWrote {len(written)} files to {written[0].parent}")
+    if not args.no_wandb and (mode := log_report_to_wandb(args.sweep_dir, written)):
+        print(f"Logged the report to W&B ({mode})")
 
 
 if __name__ == "__main__":

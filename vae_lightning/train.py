@@ -26,7 +26,7 @@ from vae_lightning.launch.run_files import (
     save_hardware,
     save_resolved_config,
 )
-from vae_lightning.training.loggers import finish_wandb_run
+from vae_lightning.training.loggers import FallbackWandbLogger, finish_wandb_run
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +64,32 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
         with isolated_ddp_job():
             started = time.perf_counter()
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-            metrics["fit_seconds"] = time.perf_counter() - started
-            metrics["num_params"] = float(sum(p.numel() for p in model.parameters()))
+            metrics |= fit_figures(trainer, model, time.perf_counter() - started)
             metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
-            checkpoint = trainer.checkpoint_callback
-            if checkpoint and checkpoint.best_model_score is not None:
-                metrics[f"{checkpoint.monitor}_best"] = float(checkpoint.best_model_score)
             if cfg.test:
+                checkpoint = trainer.checkpoint_callback
                 best = checkpoint.best_model_path if checkpoint else ""
                 trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
                 metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+            for logger in trainer.loggers:
+                if isinstance(logger, FallbackWandbLogger):
+                    logger.log_summary(metrics)
     finally:
         finish_wandb_run()
     if rank_zero_only.rank == 0:
         save_final_metrics(metrics, cfg.paths.output_dir)
         save_hardware(trainer, cfg.paths.output_dir)
     return metrics
+
+
+def fit_figures(trainer: L.Trainer, model: L.LightningModule, seconds: float) -> dict[str, float]:
+    """What a fit cost: its wall time, the model's parameters, and the training images (of all
+    ranks) per second of that wall time."""
+    return {
+        "fit_seconds": seconds,
+        "num_params": float(sum(p.numel() for p in model.parameters())),
+        "images_per_second": model.images_trained / seconds,
+    }
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -107,6 +107,8 @@ class VAELitModule(L.LightningModule):
             self.vae.decoder.compile()
         self.nonfinite_skipped = 0
         self._skip_update = False
+        self.best_val_bpd = math.inf  # over the run's validations, resumes included
+        self._images_trained = torch.zeros(())  # a tensor: counting it never waits for a GPU
         self.eval_metrics = nn.ModuleDict(
             {f"{split}_{name}": MeanMetric() for split in ("val", "test") for name in METRICS}
         )
@@ -132,6 +134,11 @@ class VAELitModule(L.LightningModule):
             "squared_error": terms.squared_error,
         }
 
+    @property
+    def images_trained(self) -> int:
+        """Training images of all ranks so far in this process (for images per second)."""
+        return int(self._images_trained)
+
     def current_beta(self) -> float:
         """The KL weight of the training loss at this step (``model.kl_schedule``)."""
         kind = self.kl_schedule.kind
@@ -155,7 +162,8 @@ class VAELitModule(L.LightningModule):
         terms = self.compute_terms(x, self.iwae_samples)
         loss = terms["loss"].mean()
         if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            means = self._global_batch_means(terms)
+            means, images = self._global_batch_means(terms)
+            self._images_trained = self._images_trained.to(images.device) + images
             self.vae.likelihood.update_running_sigma(means["train/recon_mse"])
             self.log("train/loss", means.pop("train/loss"), on_step=True, prog_bar=True)
             if self.nonfinite_loss == "skip":
@@ -247,6 +255,7 @@ class VAELitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
         checkpoint["skipped_updates"] = self.skipped_updates
+        checkpoint["best_val_bpd"] = self.best_val_bpd
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
@@ -254,19 +263,21 @@ class VAELitModule(L.LightningModule):
             state["vae.likelihood.log_sigma"] = state.pop("vae.log_sigma")
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
         self.skipped_updates = int(checkpoint.get("skipped_updates", 0))
+        self.best_val_bpd = float(checkpoint.get("best_val_bpd", _checkpoint_best(checkpoint)))
 
-    def _global_batch_means(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _global_batch_means(self, terms: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         """``train/{name}`` means over the global batch (all ranks' images, one all-reduce of
-        the sums and the count)."""
+        the sums and the count), and that count."""
         names = [name for name in (*METRICS, "sigma") if name in terms]
         per_rank = [terms[name].detach().sum() for name in names]
         count = torch.full((), float(terms["loss"].numel()), device=per_rank[0].device)
         sums = torch.stack([*per_rank, count]).float()
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        return {
+        means = {
             f"train/{name}": total / sums[-1] for name, total in zip(names, sums[:-1], strict=True)
         }
+        return means, sums[-1]
 
     def _last_checkpoint(self) -> str | None:
         paths = [
@@ -288,6 +299,14 @@ class VAELitModule(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/bpd_best``, the lowest val/bpd so far, after every validation: what sweeps
+        optimize and compare (W&B's early termination reads its history)."""
+        if self.trainer.sanity_checking:
+            return
+        self.best_val_bpd = min(self.best_val_bpd, float(self.eval_metrics["val_bpd"].compute()))
+        self.log("val/bpd_best", self.best_val_bpd, sync_dist=True)  # equal on every rank
+
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
@@ -298,3 +317,14 @@ class VAELitModule(L.LightningModule):
         if make.func in (torch.optim.Adam, torch.optim.AdamW) and "fused" not in make.keywords:
             fused["fused"] = self.device.type == "cuda"
         return make(params=self.parameters(), **fused)
+
+
+def _checkpoint_best(checkpoint: dict[str, Any]) -> float:
+    """The best val/bpd a checkpoint's ``ModelCheckpoint`` state recorded (checkpoints written
+    before the module kept its own), else infinity."""
+    scores = [
+        state.get("best_model_score")
+        for key, state in checkpoint.get("callbacks", {}).items()
+        if key.startswith("ModelCheckpoint") and "'monitor': 'val/bpd'" in key
+    ]
+    return min((float(s) for s in scores if s is not None), default=math.inf)

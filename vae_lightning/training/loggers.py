@@ -1,6 +1,7 @@
-"""Loggers for runs that may stop and resume: a W&B logger that never prompts and goes offline
-by itself when it cannot log online (at the start or in the middle of a run), and a CSV logger
-that appends when a run resumes in its own folder."""
+"""Loggers for runs that may stop and resume: a W&B logger that never prompts, goes offline by
+itself when it cannot log online (at the start or in the middle of a run), joins the run a W&B
+sweep agent started, and summarizes each run by the numbers runs are compared by; and a CSV
+logger that appends when a run resumes in its own folder."""
 
 import csv
 import logging
@@ -22,6 +23,13 @@ from omegaconf import OmegaConf
 log = logging.getLogger(__name__)
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+BEST_OF = {"val/bpd": "min", "val/elbo": "max"}
+"""Metrics whose W&B summary is their best value over the run rather than their last."""
+
+
+def is_log_model_choice(value: Any) -> bool:
+    """``logger.wandb.log_model``: false, true (checkpoints as artifacts at the end) or all."""
+    return isinstance(value, bool) or value == "all"
 
 
 def _wandb_host() -> str:
@@ -87,6 +95,24 @@ class FallbackWandbLogger(WandbLogger):
 
     _fallen_back = False
     _disabled = False
+    _summarized_run = None
+
+    @property
+    def experiment(self):
+        """The W&B run, with ``BEST_OF`` defined on it once (again after going offline)."""
+        run = super().experiment
+        if rank_zero_only.rank == 0 and run is not self._summarized_run:
+            self._summarized_run = run
+            for name, best in BEST_OF.items():
+                run.define_metric(name, summary=best, step_metric="trainer/global_step")
+        return run
+
+    @rank_zero_only
+    def log_summary(self, metrics: Mapping[str, float]) -> None:
+        """Put the run's final numbers into its W&B summary (the metrics of ``BEST_OF`` keep
+        their best value)."""
+        values = {k: v for k, v in metrics.items() if k not in BEST_OF}
+        self._guarded(lambda: self.experiment.summary.update(values))
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -167,18 +193,35 @@ def wandb_logger(
     name: str | None = None,
     group: str | None = None,
     tags: Sequence[str] = (),
+    log_model: bool | str = False,
     **kwargs,
 ) -> WandbLogger:
-    """A ``WandbLogger`` whose run lives under ``save_dir/wandb``; see ``resolve_wandb_mode``."""
+    """A ``WandbLogger`` whose run lives under ``save_dir/wandb``; see ``resolve_wandb_mode``.
+
+    Started by a W&B sweep agent (``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID`` set), it logs into
+    the agent's run: the run id, project, name and group are the sweep's.
+    """
+    if not is_log_model_choice(log_model):
+        raise ValueError(f"logger.wandb.log_model must be false, true or all, got {log_model!r}")
     mode = choose_wandb_mode(mode, save_dir)
+    sweep = os.environ.get("WANDB_SWEEP_ID")
+    if sweep:
+        project = os.environ.get("WANDB_PROJECT") or project
+        name = group = None
+        if mode != "online" and rank_zero_only.rank == 0:
+            log.warning(
+                f"W&B: this run belongs to sweep {sweep}, and a sweep needs W&B online; it "
+                f"trains and logs {mode}, but the sweep will not receive its result."
+            )
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return FallbackWandbLogger(
         project=project,
         save_dir=save_dir,
-        name=name or "defaults",
+        name=None if sweep else name or "defaults",
         group=group,
         tags=list(tags),
         mode=mode,
+        log_model=log_model,
         **kwargs,
     )
 
