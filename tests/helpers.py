@@ -171,8 +171,15 @@ def assert_run_folder(run: Path) -> None:
 
 
 def _items(items) -> dict[str, Any]:
-    """W&B's key-value records as a dict; a nested key is joined with "/"."""
-    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+    """W&B's key-value records as a dict (nested keys as nested dicts)."""
+    found: dict[str, Any] = {}
+    for item in items:
+        *parents, name = item.nested_key or [item.key]
+        tree = found
+        for parent in parents:
+            tree = tree.setdefault(parent, {})
+        tree[name] = json.loads(item.value_json)
+    return found
 
 
 def offline_wandb_run(folder: Path) -> dict[str, Any]:

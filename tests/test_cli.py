@@ -1,5 +1,6 @@
 """``python -m vae_lightning.train`` as a user runs it, on a tiny CIFAR-10 written by the tests."""
 
+import csv
 import json
 import os
 import pty
@@ -25,6 +26,7 @@ from tests.helpers import (
     metrics_csv,
     offline_wandb_run,
     resolved,
+    run_module,
     run_train,
     single_run,
     start_train,
@@ -139,6 +141,7 @@ def test_one_and_two_processes_give_the_same_loss_curve_for_the_same_global_batc
         "data.dequantize=false",
         "callbacks.image_grids.every_n_epochs=1",
         "logger=[csv,wandb]",
+        "logger.wandb.log_model=true",
     ]
     run_train([*common, "data.batch_size=16"], tmp_path / "one")
     run_train([*common, "data.batch_size=8", *DDP], tmp_path / "two")
@@ -151,7 +154,12 @@ def test_one_and_two_processes_give_the_same_loss_curve_for_the_same_global_batc
 
     run = single_run(tmp_path / "two")  # rank 0 alone wrote the checkpoints, images and W&B run
     assert_run_folder(run)
-    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    (wandb_run,) = (run / "wandb").glob("offline-run-*")
+    recorded = offline_wandb_run(wandb_run)  # the global numbers, and the checkpoints logged
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert recorded["summary"]["val/bpd_best"] == pytest.approx(metrics["val/bpd_best"])
+    assert metrics["images_per_second"] == pytest.approx(3 * 72 / metrics["fit_seconds"])
+    assert recorded["artifacts"] == [f"model-{recorded['run'].run_id}"] * 2  # best and last
     assert len(list((run / "images").glob("samples_epoch=*.png"))) == 3
     assert len(list((tmp_path / "two" / "outputs" / "runs").glob("*/*"))) == 1
 
@@ -170,6 +178,22 @@ def test_ddp_inside_a_multirun_gives_one_folder_and_one_wandb_run_per_job(cifar_
     # no rank started a sweep or a single run of its own
     assert not (tmp_path / "outputs" / "runs").exists()
     assert proc.stdout.count("Launching 2 jobs locally") == 1
+
+    # the sweep's report goes to W&B too: a run in the jobs' group with the table and plots
+    sweep = jobs[0].parent
+    report = run_module("vae_lightning.report", [str(sweep)], cwd=tmp_path)
+    assert "Logged the report to W&B (offline)" in report.stdout
+    (report_run,) = (sweep / "wandb").glob("offline-run-*")
+    recorded = offline_wandb_run(report_run)
+    assert recorded["run"].run_group == resolved(jobs[0])["run_group"]
+    assert recorded["run"].job_type == "report"
+    (logged,) = recorded["history"]
+    table = json.loads((report_run / "files" / logged["report/table"]["path"]).read_text())
+    with open(sweep / "report.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert table["columns"] == rows[0] and len(table["data"]) == len(rows) - 1 == 2
+    plots = {f"report/{png.stem}" for png in sweep.glob("*.png")}
+    assert plots and plots == {k for k in logged if k.startswith("report/")} - {"report/table"}
 
 
 @pytest.fixture(scope="module")

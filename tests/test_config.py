@@ -32,6 +32,7 @@ def test_defaults_are_valid():
         ("data.val_fraction=1.5", "data.val_fraction", "between 0 and 1"),
         ("trainer.max_epochs=0", "trainer.max_epochs", "integer >= 1"),
         ("logger.wandb.mode=sometimes", "logger.wandb.mode", "offline"),
+        ("logger.wandb.log_model=1", "logger.wandb.log_model", "false, true or all"),
         ("ckpt_path=/no/such/file.ckpt", "ckpt_path", "existing checkpoint"),
         ("model.compile=yes", "model.compile", "true or false"),
         ("data.on_device=maybe", "data.on_device", "auto, true or false"),

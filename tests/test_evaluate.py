@@ -9,7 +9,7 @@ import torch
 import yaml
 from torch import nn
 
-from tests.helpers import run_module, run_train
+from tests.helpers import offline_wandb_run, run_module, run_train
 from vae_lightning.report import load_jobs, swept_parameters, write_report
 
 pytestmark = pytest.mark.cli
@@ -73,7 +73,10 @@ def test_evaluate_writes_every_estimate_and_fid_with_a_custom_extractor(
     for name in ("reconstructions", "samples", "interpolations", "traversals"):
         assert (out / "images" / f"{name}.png").is_file()
     assert "iwae_bpd" in proc.stdout  # the printed table
-    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+    (wandb_run,) = (out / "wandb").glob("offline-run-*")
+    summary = offline_wandb_run(wandb_run)["summary"]  # beside the training run's, online
+    for key in ("iwae_bpd", "elbo_bpd", "fid_samples", "fid_reconstructions", "psnr"):
+        assert summary[f"eval/{key}"] == pytest.approx(results[key]), key
 
 
 def test_evaluate_without_fid_weights_skips_fid_with_one_line(
