@@ -225,6 +225,12 @@ def test_resume_from_last_checkpoint_continues_where_it_stopped(cifar_dir, tmp_p
     assert resumed["epoch"] == 2 and resumed["global_step"] == 3 * steps_per_epoch
     epochs = {int(r["epoch"]) for r in metrics_csv(second) if r.get("train/loss")}
     assert epochs == {1, 2}  # epoch 0 was not trained again
+    val_bpd = [
+        float(r["val/bpd"]) for run in (first, second) for r in metrics_csv(run) if r["val/bpd"]
+    ]
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert len(val_bpd) == 3 and metrics["val/bpd_best"] == pytest.approx(min(val_bpd))
+    assert metrics["images_per_second"] == pytest.approx(2 * 72 / metrics["fit_seconds"])
 
 
 def test_debug_preset_with_tensorboard(cifar_dir, tmp_path):

@@ -208,3 +208,25 @@ def test_compiled_module_matches_eager():
 def test_adam_is_fused_only_on_gpus():
     optimizer = make_module().configure_optimizers()
     assert optimizer.defaults["fused"] is False  # on the CPU here; True when on a CUDA device
+
+
+def test_the_best_val_bpd_so_far_travels_with_the_checkpoint():
+    module = make_module()
+    module.best_val_bpd = 6.5
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    resumed = make_module()
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.best_val_bpd == 6.5
+    # a checkpoint written before the module kept it: the best of its val/bpd ModelCheckpoint
+    monitored = "ModelCheckpoint{'monitor': 'val/bpd', 'mode': 'min', 'every_n_train_steps': 0}"
+    last = "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 0}"
+    older = {"state_dict": module.state_dict()}
+    older["callbacks"] = {
+        monitored: {"best_model_score": torch.tensor(6.8632)},
+        last: {"best_model_score": None},
+    }
+    resumed.on_load_checkpoint(older)
+    assert resumed.best_val_bpd == pytest.approx(6.8632)
+    resumed.on_load_checkpoint({"state_dict": module.state_dict()})
+    assert resumed.best_val_bpd == math.inf
