@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 from vae_lightning.cli import CONFIG_DIR, one_line_errors, quiet_third_party_warnings
 from vae_lightning.config import build
+from vae_lightning.launch.run_files import threads
 
 
 class StepTimer(L.Callback):
@@ -136,7 +137,7 @@ def startup_seconds(args: argparse.Namespace) -> float:
 def describe_device() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"CPU: {platform.processor() or platform.machine()}, {threads(torch.get_num_threads())}"
 
 
 def main(argv: list[str] | None = None) -> None:

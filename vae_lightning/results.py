@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from vae_lightning.cli import one_line_errors
-from vae_lightning.launch.run_files import RunFilesNotFoundError
+from vae_lightning.launch.run_files import RunFilesNotFoundError, threads
 
 COLUMNS = {
     "run": "run",
@@ -108,7 +108,7 @@ def table_row(run: Path, results: dict[str, Any]) -> dict[str, Any]:
     if hardware:
         device = hardware["device"]
         if device == "CPU":  # with its threads: "x86_64, 2 threads"
-            device = f"CPU ({hardware['cpu'].split(', ')[-1]})"
+            device = f"CPU ({threads(int(hardware['cpu'].split(', ')[-1].split()[0]))})"
         processes = hardware.get("processes", 1)
         row["hardware"] = f"{processes} x {device}" if processes > 1 else device
     return row

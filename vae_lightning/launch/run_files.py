@@ -21,6 +21,11 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
+def threads(count: int) -> str:
+    """``"1 thread"``, ``"2 threads"``."""
+    return f"{count} thread{'s' if count != 1 else ''}"
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"model": {"sigma": 0.1}}`` -> ``{"model.sigma": 0.1}``, for loggers' config tables."""
     flat: dict[str, Any] = {}
@@ -55,7 +60,7 @@ def save_hardware(trainer: Any, output_dir: str | Path) -> Path:
     info = {
         "device": device,
         "processes": trainer.world_size,
-        "cpu": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "cpu": f"{platform.machine()}, {threads(torch.get_num_threads())}",
         "precision": str(trainer.precision),
         "torch": torch.__version__,
     }
