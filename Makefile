@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/python -m vae_lightning.train $(ARGS)
 
-## test: run the whole test suite; pass pytest options with ARGS="-k math"
+## test: run the whole test suite in 2 worker processes; pass pytest options with ARGS="-k math"
+## (ARGS="-n 0": in one process)
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n 2 $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/pre-commit run --all-files

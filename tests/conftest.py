@@ -1,10 +1,15 @@
 """Fixtures shared by the tests; the helpers they use live in ``tests/helpers.py``."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import write_cifar10
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: one thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -70,6 +70,8 @@ def cli_env(home: Path) -> dict[str, str]:
     env.update(HOME=str(home), PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("NETRC", None)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # as the test process: one thread per process
+        env["OMP_NUM_THREADS"] = "1"
     return env
 
 
