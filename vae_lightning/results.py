@@ -90,9 +90,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def run_name(run: Path) -> str:
+    """The run's overrides that change its results (not where the data is, paths or loggers)."""
     overrides_file = run / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-    shown = [o for o in overrides or [] if not o.startswith(("data.data_dir=", "paths."))]
+    ignored = ("data.data_dir=", "paths.", "logger")
+    shown = [o for o in overrides or [] if not o.startswith(ignored)]
     return " ".join(shown) or "(defaults)"
 
 
