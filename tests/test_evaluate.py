@@ -195,8 +195,8 @@ def test_report_marks_jobs_without_metrics(tmp_path):
             f"- model.latent_dim={latent_dim}\n- model/arch=conv\n"
         )
     (tmp_path / "0" / "metrics.json").write_text(json.dumps({"val/bpd": 5.5, "test/bpd": 5.6}))
-    written = write_report(tmp_path)
-    assert {p.name for p in written} >= {
+    report = write_report(tmp_path)
+    assert {p.name for p in report.files} >= {
         "report.md",
         "report.csv",
         "val_bpd_vs_model.latent_dim.png",

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributions import Normal
 
 from tests.helpers import ADAM, MLP
@@ -219,12 +220,12 @@ def test_the_best_val_bpd_so_far_travels_with_the_checkpoint():
     resumed.on_load_checkpoint(checkpoint)
     assert resumed.best_val_bpd == 6.5
     # a checkpoint written before the module kept it: the best of its val/bpd ModelCheckpoint
-    monitored = "ModelCheckpoint{'monitor': 'val/bpd', 'mode': 'min', 'every_n_train_steps': 0}"
-    last = "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 0}"
+    monitored, last = ModelCheckpoint(monitor="val/bpd"), ModelCheckpoint(save_last=True)
+    monitored.best_model_score = torch.tensor(6.8632)
     older = {"state_dict": module.state_dict()}
     older["callbacks"] = {
-        monitored: {"best_model_score": torch.tensor(6.8632)},
-        last: {"best_model_score": None},
+        monitored.state_key: monitored.state_dict(),
+        last.state_key: last.state_dict(),
     }
     resumed.on_load_checkpoint(older)
     assert resumed.best_val_bpd == pytest.approx(6.8632)

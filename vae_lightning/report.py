@@ -9,6 +9,7 @@ sweep's group (``--no-wandb``: not).
 import argparse
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,23 @@ def plot_metric(rows: list[dict[str, Any]], metric: str, param: str, others: lis
     fig.savefig(path, dpi=120)
 
 
-def write_report(sweep_dir: Path, output_dir: Path | None = None) -> list[Path]:
-    """Table (Markdown, CSV) and plots for the sweep in ``sweep_dir``; returns the files."""
+@dataclass
+class Report:
+    """A sweep's written report: its jobs, its table's rows and the files holding them."""
+
+    jobs: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+    table: Path
+    csv: Path
+    plots: list[Path]
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.table, self.csv, *self.plots]
+
+
+def write_report(sweep_dir: Path, output_dir: Path | None = None) -> Report:
+    """Table (Markdown, CSV) and plots for the sweep in ``sweep_dir``."""
     output_dir = output_dir or sweep_dir
     jobs = load_jobs(sweep_dir)
     if not jobs:
@@ -124,14 +140,14 @@ def write_report(sweep_dir: Path, output_dir: Path | None = None) -> list[Path]:
     params = swept_parameters(jobs)
     rows = table_rows(jobs, params)
     output_dir.mkdir(parents=True, exist_ok=True)
-    written = [output_dir / "report.md", output_dir / "report.csv"]
+    report = Report(jobs, rows, output_dir / "report.md", output_dir / "report.csv", [])
     missing = [j["job"] for j in jobs if not j["metrics"]]
     note = f"\nJobs without metrics.json (failed or unfinished): {', '.join(missing)}\n"
     failures_file = sweep_dir / "failed_jobs.yaml"
     for failure in yaml.safe_load(failures_file.read_text()) if failures_file.is_file() else []:
         note += f"- job {failure['job']}: {failure['error']}\n"
-    written[0].write_text(markdown_table(rows) + (note if missing else ""))
-    with open(written[1], "w", newline="") as f:
+    report.table.write_text(markdown_table(rows) + (note if missing else ""))
+    with open(report.csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -141,15 +157,15 @@ def write_report(sweep_dir: Path, output_dir: Path | None = None) -> list[Path]:
         for param in params:
             path = output_dir / f"{metric.replace('/', '_')}_vs_{param.replace('/', '_')}.png"
             plot_metric(rows, metric, param, [p for p in params if p != param], path)
-            written.append(path)
-    return written
+            report.plots.append(path)
+    return report
 
 
-def log_report_to_wandb(sweep_dir: Path, written: list[Path]) -> str | None:
-    """Log the report in ``written`` (table first, plots after) to a W&B run in the group of the
-    sweep's W&B runs; returns the mode it logged in (online or offline), or None when no job
-    logged to W&B or W&B is disabled."""
-    settings = next((j["wandb"] for j in load_jobs(sweep_dir) if j["wandb"]), None)
+def log_report_to_wandb(report: Report, sweep_dir: Path) -> str | None:
+    """Log ``report``'s table and plots to a W&B run in the group of the sweep's W&B runs;
+    returns the mode it logged in (online or offline), or None when no job logged to W&B or
+    W&B is disabled."""
+    settings = next((j["wandb"] for j in report.jobs if j["wandb"]), None)
     if settings is None:
         return None
     mode = choose_wandb_mode(settings.get("mode", "auto"), sweep_dir)
@@ -157,8 +173,6 @@ def log_report_to_wandb(sweep_dir: Path, written: list[Path]) -> str | None:
         return None
     import wandb
 
-    with open(written[1], newline="") as f:
-        rows = list(csv.reader(f))
     group = settings.get("group")
     run = wandb.init(
         project=settings.get("project", "vae_lightning"),
@@ -168,8 +182,14 @@ def log_report_to_wandb(sweep_dir: Path, written: list[Path]) -> str | None:
         dir=sweep_dir,
         mode=mode,
     )
-    plots = {f"report/{path.stem}": wandb.Image(str(path)) for path in written[2:]}
-    run.log({"report/table": wandb.Table(columns=rows[0], data=rows[1:])} | plots)
+    columns = list(report.rows[0])
+    table = wandb.Table(
+        columns=columns,
+        data=[[row[c] for c in columns] for row in report.rows],
+        allow_mixed_types=True,
+    )
+    plots = {f"report/{path.stem}": wandb.Image(str(path)) for path in report.plots}
+    run.log({"report/table": table} | plots)
     run.finish()
     return mode
 
@@ -183,10 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
     args = parser.parse_args(argv)
     with one_line_errors():
-        written = write_report(args.sweep_dir, args.output_dir)
-    print(written[0].read_text(), end="")
-    print(f"\nWrote {len(written)} files to {written[0].parent}")
-    if not args.no_wandb and (mode := log_report_to_wandb(args.sweep_dir, written)):
+        report = write_report(args.sweep_dir, args.output_dir)
+    print(report.table.read_text(), end="")
+    print(f"\nWrote {len(report.files)} files to {report.table.parent}")
+    if not args.no_wandb and (mode := log_report_to_wandb(report, args.sweep_dir)):
         print(f"Logged the report to W&B ({mode})")
 
 

@@ -324,7 +324,7 @@ def _checkpoint_best(checkpoint: dict[str, Any]) -> float:
     before the module kept its own), else infinity."""
     scores = [
         state.get("best_model_score")
-        for key, state in checkpoint.get("callbacks", {}).items()
-        if key.startswith("ModelCheckpoint") and "'monitor': 'val/bpd'" in key
+        for state in checkpoint.get("callbacks", {}).values()
+        if isinstance(state, dict) and state.get("monitor") == "val/bpd"
     ]
     return min((float(s) for s in scores if s is not None), default=math.inf)
