@@ -240,10 +240,10 @@ MLP = {
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 
 
-def composed(*overrides: str, hydra: bool = False):
-    """The train config as Hydra composes it for these overrides."""
+def composed(*overrides: str, hydra: bool = False, config: str = "train"):
+    """The ``config`` (train or eval) as Hydra composes it for these overrides."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+        return compose(config, overrides=list(overrides), return_hydra_config=hydra)
 
 
 class NonFiniteBatchAt(L.Callback):

@@ -4,7 +4,7 @@ import pytest
 from hydra.errors import MissingConfigException
 
 from tests.helpers import composed
-from vae_lightning.config import ConfigError, validate_config
+from vae_lightning.config import ConfigError, validate_config, validate_eval_config
 from vae_lightning.train import train
 
 
@@ -70,6 +70,26 @@ def test_defaults_are_valid():
 def test_bad_values_name_key_and_allowed_values(override, key, allowed):
     with pytest.raises(ConfigError) as err:
         validate_config(composed(*override.split()))
+    message = str(err.value)
+    assert message.startswith(f"{key}=") and allowed in message
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "allowed"),
+    [
+        ("eval.num_samples=0", "eval.num_samples", "integer >= 1"),
+        ("eval.prior_sampling=maybe", "eval.prior_sampling", "true or false"),
+        ("eval.limit=1", "eval.limit", "null or >= 2"),
+        ("eval.grid_limit=0", "eval.grid_limit", "> 0"),
+        ("eval.fid.network=vgg", "eval.fid.network", "tf_inception or torch_fidelity"),
+        ("eval.fid.num_samples=1", "eval.fid.num_samples", "integer >= 2"),
+        ("eval.fid.enabled=1", "eval.fid.enabled", "true or false"),
+    ],
+)
+def test_bad_evaluation_values_name_key_and_allowed_values(override, key, allowed):
+    validate_eval_config(composed("ckpt_path=null", config="eval"))
+    with pytest.raises(ConfigError) as err:
+        validate_eval_config(composed("ckpt_path=null", override, config="eval"))
     message = str(err.value)
     assert message.startswith(f"{key}=") and allowed in message
 

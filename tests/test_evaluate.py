@@ -220,6 +220,7 @@ def test_the_results_table_evaluates_each_run_once(cifar_dir, trained_2d, tmp_pa
     assert header.startswith("| run | test ELBO bpd | test IWAE bpd | K | FID samples |")
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == f"{results['elbo_bpd']:.3f}" and cells[3] == "3"
+    assert "prior_sampling_bpd" not in results  # not in the table, so not computed
     assert cells[4] == f"{results['fid_samples']:.3f}" and cells[6] == "8"
     assert cells[10] == f"{metrics['num_params'] / 1e6:.2f}"
     assert re.fullmatch(r"CPU \((1 thread|\d+ threads)\)", cells[12]) and "(1 threads)" not in row

@@ -125,3 +125,20 @@ def test_iwae_with_the_exact_posterior_is_exact_for_any_k():
         vae.encoder.bias[1] = math.log(posterior_var.item())
     estimates = sampled_estimates(vae, x, num_samples=3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(estimates.iwae, exact)
+
+
+def test_without_prior_sampling_the_same_draws_give_the_same_bounds_for_half_the_calls(model_2d):
+    vae, x, _ = model_2d
+    calls = []
+    hook = vae.decoder.register_forward_hook(lambda module, args, out: calls.append(len(out)))
+    estimates = {}
+    for prior_sampling in (True, False):
+        gen = torch.Generator().manual_seed(6)
+        estimates[prior_sampling] = sampled_estimates(
+            vae, x, 50, max_batch=10_000, generator=gen, prior_sampling=prior_sampling
+        )
+    hook.remove()
+    assert calls == [50 * len(x)] * 3  # two calls with the prior's draws, one without
+    assert estimates[False].prior is None and estimates[True].prior is not None
+    torch.testing.assert_close(estimates[False].iwae, estimates[True].iwae, rtol=0, atol=0)
+    torch.testing.assert_close(estimates[False].elbo, estimates[True].elbo, rtol=0, atol=0)

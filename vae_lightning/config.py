@@ -84,7 +84,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     for key in ("eval.grid_limit", "eval.active_threshold"):
         value = _get(cfg, key)
         _check(_is_real(value) and value > 0, key, value, "a number > 0")
-    for key in ("data.dequantize", "data.download", "eval.fid.enabled"):
+    for key in ("data.dequantize", "data.download", "eval.prior_sampling", "eval.fid.enabled"):
         value = _get(cfg, key)
         _check(isinstance(value, bool), key, value, "true or false")
     accelerator = _get(cfg, "trainer.accelerator")

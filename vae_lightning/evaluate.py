@@ -140,6 +140,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         grid_points=settings.grid_points,
         grid_limit=settings.grid_limit,
         active_threshold=settings.active_threshold,
+        prior_sampling=settings.prior_sampling,
     )
     results["likelihood_seconds"] = time.perf_counter() - started
     if settings.fid.enabled:

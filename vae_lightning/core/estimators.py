@@ -25,11 +25,12 @@ from vae_lightning.core.vae import VAE
 
 
 class SampledEstimates(NamedTuple):
-    """Per image, nats: the K-sample ELBO, the IWAE bound, and the prior-sampling estimate."""
+    """Per image, nats: the K-sample ELBO, the IWAE bound, and the prior-sampling estimate
+    (None when not asked for)."""
 
     elbo: Tensor
     iwae: Tensor
-    prior: Tensor
+    prior: Tensor | None
 
 
 def _decoder_log_likelihoods(vae: VAE, x: Tensor, z: Tensor, max_batch: int) -> Tensor:
@@ -47,9 +48,15 @@ def _decoder_log_likelihoods(vae: VAE, x: Tensor, z: Tensor, max_batch: int) -> 
 
 @torch.no_grad()
 def sampled_estimates(
-    vae: VAE, x: Tensor, num_samples: int, max_batch: int = 4096, generator=None
+    vae: VAE,
+    x: Tensor,
+    num_samples: int,
+    max_batch: int = 4096,
+    generator: torch.Generator | None = None,
+    prior_sampling: bool = True,
 ) -> SampledEstimates:
-    """ELBO, IWAE and prior-sampling estimates of log p(x) with ``num_samples`` draws each."""
+    """ELBO, IWAE and (``prior_sampling``) prior-sampling estimates of log p(x) with
+    ``num_samples`` draws each; the prior's draws double the decoder calls."""
     mu, logvar = vae.encode(x)
     std = torch.exp(0.5 * logvar)
     shape = (num_samples, *mu.shape)
@@ -59,13 +66,14 @@ def sampled_estimates(
     log_w = log_px_z + diagonal_normal_log_density(z, 0.0, 0.0)
     log_w = log_w - diagonal_normal_log_density(z, mu, logvar)
     log_k = math.log(num_samples)
-
-    z_prior = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    log_px_prior = _decoder_log_likelihoods(vae, x, z_prior, max_batch)
+    prior = None
+    if prior_sampling:
+        z_prior = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        prior = torch.logsumexp(_decoder_log_likelihoods(vae, x, z_prior, max_batch), 0) - log_k
     return SampledEstimates(
         elbo=log_px_z.mean(0) - kl_to_standard_normal(mu, logvar),
         iwae=torch.logsumexp(log_w, 0) - log_k,
-        prior=torch.logsumexp(log_px_prior, 0) - log_k,
+        prior=prior,
     )
 
 

@@ -44,9 +44,11 @@ def likelihood_metrics(
     grid_points: int,
     grid_limit: float,
     active_threshold: float,
+    prior_sampling: bool = True,
 ) -> dict[str, float | list[float]]:
-    """ELBO, IWAE, prior-sampling and (H <= 2) grid estimates of log p(x), in nats per image
-    and bits/dim; reconstruction MSE/PSNR/SSIM at z = mu; active units and KL per latent dim."""
+    """ELBO, IWAE, (``prior_sampling``) prior-sampling and (H <= 2) grid estimates of log p(x),
+    in nats per image and bits/dim; reconstruction MSE/PSNR/SSIM at z = mu; active units and
+    KL per latent dim."""
     device = next(vae.parameters()).device
     num_dims = images[0].numel()
     with_grid = vae.latent_dim <= 2
@@ -60,10 +62,11 @@ def likelihood_metrics(
         sums[name] = sums.get(name, 0.0) + per_image.double().sum()
 
     for x in batches(images, batch_size, device, dequantize):
-        estimates = sampled_estimates(vae, x, num_samples, max_batch)
+        estimates = sampled_estimates(vae, x, num_samples, max_batch, None, prior_sampling)
         add("elbo", estimates.elbo)
         add("iwae", estimates.iwae)
-        add("prior_sampling", estimates.prior)
+        if estimates.prior is not None:
+            add("prior_sampling", estimates.prior)
         if with_grid:
             scored.append(x)
         mu, logvar = vae.encode(x)
