@@ -12,6 +12,7 @@ from torch import nn
 
 from tests.helpers import offline_wandb_run, run_module, run_train
 from vae_lightning.report import load_jobs, swept_parameters, write_report
+from vae_lightning.results import bpd_kind
 
 pytestmark = pytest.mark.cli
 
@@ -217,14 +218,28 @@ def test_the_results_table_evaluates_each_run_once(cifar_dir, trained_2d, tmp_pa
     results = json.loads((run / "evaluation" / "eval.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     header, _, row = (run / "results.md").read_text().splitlines()
-    assert header.startswith("| run | test ELBO bpd | test IWAE bpd | K | FID samples |")
+    assert header.startswith("| run | test ELBO bpd | test IWAE bpd | bpd is | K | FID samples |")
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == f"{results['elbo_bpd']:.3f}" and cells[3] == "3"
+    assert cells[1] == f"{results['elbo_bpd']:.3f}" and cells[4] == "3"
+    assert cells[3] == "dequantized bound"  # a Gaussian decoder's density
     assert "prior_sampling_bpd" not in results  # not in the table, so not computed
-    assert cells[4] == f"{results['fid_samples']:.3f}" and cells[6] == "8"
-    assert cells[10] == f"{metrics['num_params'] / 1e6:.2f}"
-    assert re.fullmatch(r"CPU \((1 thread|\d+ threads)\)", cells[12]) and "(1 threads)" not in row
+    assert cells[5] == f"{results['fid_samples']:.3f}" and cells[7] == "8"
+    assert cells[11] == f"{metrics['num_params'] / 1e6:.2f}"
+    assert re.fullmatch(r"CPU \((1 thread|\d+ threads)\)", cells[13]) and "(1 threads)" not in row
     assert "model.latent_dim=2" in cells[0] and "logger" not in cells[0]  # it changes no result
     assert proc.stdout.startswith(header)
     again = run_module("vae_lightning.results", args, cwd=tmp_path)
     assert "Evaluating" not in again.stderr  # the evaluation is reused
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("gaussian", "dequantized bound"),
+        ("discretized_gaussian", "code length"),
+        ("logistic_mixture", "code length"),
+    ],
+)
+def test_the_results_table_says_which_kind_of_bpd_a_run_reports(tmp_path, kind, expected):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"likelihood": {"kind": kind}}}))
+    assert bpd_kind(tmp_path) == expected

@@ -3,9 +3,9 @@
 For every run folder (a folder given, or the job folders of a sweep folder given), evaluates its
 best checkpoint with ``vae_lightning.evaluate`` into ``<run>/evaluation`` (kept: a later call
 reuses it; without the prior-sampling estimate, which the table does not show), then writes
-``results.md`` and ``results.csv``: test ELBO and IWAE bits/dim, FID of prior samples and of
-reconstructions, PSNR, SSIM, active units, parameters, training time and the hardware it
-trained on.
+``results.md`` and ``results.csv``: test ELBO and IWAE bits/dim (and which kind), FID of prior
+samples and of reconstructions, PSNR, SSIM, active units, parameters, training time and the
+hardware it trained on.
 """
 
 import argparse
@@ -20,12 +20,14 @@ import torch
 import yaml
 
 from vae_lightning.cli import one_line_errors
+from vae_lightning.core.likelihoods import build_likelihood
 from vae_lightning.launch.run_files import RunFilesNotFoundError, threads
 
 COLUMNS = {
     "run": "run",
     "elbo_bpd": "test ELBO bpd",
     "iwae_bpd": "test IWAE bpd",
+    "bpd_kind": "bpd is",
     "num_samples": "K",
     "fid_samples": "FID samples",
     "fid_reconstructions": "FID recon.",
@@ -100,11 +102,19 @@ def run_name(run: Path) -> str:
     return " ".join(shown) or "(defaults)"
 
 
+def bpd_kind(run: Path) -> str:
+    """What the run's bits/dim are: a code length of the 8-bit images (a discrete likelihood)
+    or the dequantized bound (a density), which rows of one table must not be compared as."""
+    kind = yaml.safe_load((run / "config.yaml").read_text())["model"]["likelihood"]["kind"]
+    return "code length" if build_likelihood(kind).discrete else "dequantized bound"
+
+
 def table_row(run: Path, results: dict[str, Any]) -> dict[str, Any]:
     metrics = _read_json(run / "metrics.json")
     hardware = _read_json(run / "hardware.json")
     row = {key: results.get(key) for key in COLUMNS}
     row["run"] = run_name(run)
+    row["bpd_kind"] = bpd_kind(run)
     params = metrics.get("num_params")
     row["num_params"] = f"{params / 1e6:.2f}" if params else None
     seconds = metrics.get("fit_seconds")
