@@ -49,6 +49,7 @@ def test_validation_logs_latent_usage_and_a_kl_histogram(cifar_dir, tmp_path):
     trainer = L.Trainer(
         max_epochs=1,
         accelerator="cpu",
+        log_every_n_steps=1,
         logger=TensorBoardLogger(tmp_path, name="tb", version=""),
         enable_progress_bar=False,
         enable_model_summary=False,
