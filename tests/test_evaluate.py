@@ -75,6 +75,8 @@ def test_evaluate_writes_every_estimate_and_fid_with_a_custom_extractor(
     for name in ("reconstructions", "samples", "interpolations", "traversals"):
         assert (out / "images" / f"{name}.png").is_file()
     assert "iwae_bpd" in proc.stdout  # the printed table
+    assert "Likelihood estimates (K = 8): 16/16 images" in proc.stderr  # one line, not a file
+    assert "FID features of samples: 16/16 images" in proc.stderr
     (wandb_run,) = (out / "wandb").glob("offline-run-*")
     summary = offline_wandb_run(wandb_run)["summary"]  # beside the training run's, online
     for key in ("iwae_bpd", "elbo_bpd", "fid_samples", "fid_reconstructions", "psnr"):

@@ -16,9 +16,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import math
-import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from vae_lightning.data.cifar10 import BASE_FOLDER, TEST_FILES, TRAIN_FILES, read_cifar10
+from vae_lightning.evaluation.progress import PassProgress
 
 log = logging.getLogger(__name__)
 
@@ -214,16 +212,6 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     return float(distance)
 
 
-def _progress_line(what: str, done: int, total: int, computed: int, started: float) -> str:
-    """``done`` of ``total`` images, at the rate of the ``computed`` ones of this pass."""
-    rate = computed / max(time.perf_counter() - started, 1e-9)
-    left = (total - done) / rate if rate > 0 else math.inf
-    return (
-        f"FID features of {what}: {done}/{total} images, {rate:.1f} images/s, "
-        f"~{left / 60:.0f} min left"
-    )
-
-
 def feature_statistics(
     extractor: nn.Module,
     batches: Callable[[int, int], Tensor],
@@ -242,10 +230,9 @@ def feature_statistics(
         state = torch.load(partial_file, weights_only=True)
         stats = FeatureStats(state["count"], state["total"], state["outer"])
         log.info(f"FID features of {what}: resuming after {stats.count} images ({partial_file})")
-    started, done_at_start = time.perf_counter(), stats.count if stats else 0
-    show = sys.stderr.isatty()
+    start = stats.count if stats else 0
+    progress = PassProgress(f"FID features of {what}", total, start, every=chunk)
     with torch.no_grad():
-        start = done_at_start
         while start < total:
             stop = min(start + batch_size, total)
             features = extractor(batches(start, stop))
@@ -253,14 +240,12 @@ def feature_statistics(
                 stats = FeatureStats.empty(features.shape[1])
             stats.add(features)
             crossed = stop // chunk > start // chunk or stop == total
-            if crossed:
-                if partial_file is not None:
-                    partial_file.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = partial_file.with_suffix(".tmp")
-                    torch.save(stats.state(), tmp)
-                    tmp.replace(partial_file)
-                line = _progress_line(what, stop, total, stop - done_at_start, started)
-                print(line, file=sys.stderr, end="\r" if show and stop < total else "\n")
+            if crossed and partial_file is not None:
+                partial_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = partial_file.with_suffix(".tmp")
+                torch.save(stats.state(), tmp)
+                tmp.replace(partial_file)
+            progress.advance_to(stop)
             start = stop
     return stats
 

@@ -23,6 +23,7 @@ from vae_lightning.evaluation.fid import (
     generated_slices,
     real_statistics,
 )
+from vae_lightning.evaluation.progress import PassProgress
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def likelihood_metrics(
     def add(name: str, per_image: Tensor) -> None:
         sums[name] = sums.get(name, 0.0) + per_image.double().sum()
 
+    progress = PassProgress(f"Likelihood estimates (K = {num_samples})", len(images))
     for x in batches(images, batch_size, device, dequantize):
         estimates = sampled_estimates(vae, x, num_samples, max_batch, None, prior_sampling)
         add("elbo", estimates.elbo)
@@ -76,6 +78,7 @@ def likelihood_metrics(
         ssim.update(recon, x)
         mus.append(mu.double())
         kl_per_dim += kl_per_dimension(mu, logvar).double().sum(0)
+        progress.advance_to(progress.done + len(x))
 
     if with_grid:  # one pass over the grid for all images: m^H decoder calls in all
         grid = grid_log_likelihood(vae, torch.cat(scored), grid_points, grid_limit, max_batch)
