@@ -8,6 +8,14 @@ from vae_lightning.config import ConfigError, validate_config, validate_eval_con
 from vae_lightning.train import train
 
 
+def assert_refused(validate, cfg, key: str, allowed: str) -> None:
+    """``validate(cfg)`` raises a ConfigError that names ``key`` and the ``allowed`` values."""
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    message = str(err.value)
+    assert message.startswith(f"{key}=") and allowed in message
+
+
 def test_defaults_are_valid():
     cfg = composed()
     validate_config(cfg)
@@ -68,10 +76,7 @@ def test_defaults_are_valid():
     ],
 )
 def test_bad_values_name_key_and_allowed_values(override, key, allowed):
-    with pytest.raises(ConfigError) as err:
-        validate_config(composed(*override.split()))
-    message = str(err.value)
-    assert message.startswith(f"{key}=") and allowed in message
+    assert_refused(validate_config, composed(*override.split()), key, allowed)
 
 
 @pytest.mark.parametrize(
@@ -88,10 +93,8 @@ def test_bad_values_name_key_and_allowed_values(override, key, allowed):
 )
 def test_bad_evaluation_values_name_key_and_allowed_values(override, key, allowed):
     validate_eval_config(composed("ckpt_path=null", config="eval"))
-    with pytest.raises(ConfigError) as err:
-        validate_eval_config(composed("ckpt_path=null", override, config="eval"))
-    message = str(err.value)
-    assert message.startswith(f"{key}=") and allowed in message
+    bad = composed("ckpt_path=null", override, config="eval")
+    assert_refused(validate_eval_config, bad, key, allowed)
 
 
 def test_unknown_architecture_lists_the_options():
