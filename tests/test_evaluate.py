@@ -3,7 +3,9 @@
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +13,9 @@ import yaml
 from torch import nn
 
 from tests.helpers import offline_wandb_run, run_module, run_train
+from vae_lightning.launch.run_files import RunFilesNotFoundError
 from vae_lightning.report import load_jobs, swept_parameters, write_report
-from vae_lightning.results import bpd_kind
+from vae_lightning.results import bpd_kind, evaluation
 
 pytestmark = pytest.mark.cli
 
@@ -245,3 +248,15 @@ def test_the_results_table_evaluates_each_run_once(cifar_dir, trained_2d, tmp_pa
 def test_the_results_table_says_which_kind_of_bpd_a_run_reports(tmp_path, kind, expected):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"likelihood": {"kind": kind}}}))
     assert bpd_kind(tmp_path) == expected
+
+
+def test_a_killed_evaluation_is_named_with_what_to_do(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    for code, expected in ((-9, "lower eval.max_batch"), (-15, "SIGTERM"), (1, "exit code 1")):
+        monkeypatch.setattr(
+            subprocess, "run", lambda *a, code=code, **k: SimpleNamespace(returncode=code)
+        )
+        with pytest.raises(RunFilesNotFoundError, match=expected):
+            evaluation(run, 10, [], again=False)

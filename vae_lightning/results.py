@@ -11,6 +11,7 @@ hardware it trained on.
 import argparse
 import csv
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,9 +85,22 @@ def evaluation(run: Path, num_samples: int, overrides: list[str], again: bool) -
             *overrides,
         ]
         print(f"Evaluating {run} ...", file=sys.stderr)
-        if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
-            raise RunFilesNotFoundError(f"the evaluation of {run} failed (its messages are above)")
+        code = subprocess.run(command, stdout=subprocess.DEVNULL).returncode
+        if code != 0:
+            raise RunFilesNotFoundError(f"the evaluation of {run} failed: {_failure(code)}")
     return json.loads(results.read_text())
+
+
+def _failure(code: int) -> str:
+    """Why a subprocess with return ``code`` stopped, for a user."""
+    if code == -signal.SIGKILL:
+        return (
+            "it was killed (SIGKILL), most often for want of memory: lower eval.max_batch "
+            "(--set eval.max_batch=1024)"
+        )
+    if code < 0:
+        return f"it was stopped by {signal.Signals(-code).name}"
+    return f"exit code {code} (its messages are above)"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
