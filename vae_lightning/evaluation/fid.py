@@ -239,13 +239,11 @@ def feature_statistics(
             if stats is None:
                 stats = FeatureStats.empty(features.shape[1])
             stats.add(features)
-            crossed = stop // chunk > start // chunk or stop == total
-            if crossed and partial_file is not None:
+            if progress.advance_to(stop) and partial_file is not None:
                 partial_file.parent.mkdir(parents=True, exist_ok=True)
                 tmp = partial_file.with_suffix(".tmp")
                 torch.save(stats.state(), tmp)
                 tmp.replace(partial_file)
-            progress.advance_to(stop)
             start = stop
     return stats
 

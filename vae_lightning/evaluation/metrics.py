@@ -64,7 +64,7 @@ def likelihood_metrics(
 
     progress = PassProgress(f"Likelihood estimates (K = {num_samples})", len(images))
     for x in batches(images, batch_size, device, dequantize):
-        estimates = sampled_estimates(vae, x, num_samples, max_batch, None, prior_sampling)
+        estimates = sampled_estimates(vae, x, num_samples, max_batch, prior_sampling=prior_sampling)
         add("elbo", estimates.elbo)
         add("iwae", estimates.iwae)
         if estimates.prior is not None:

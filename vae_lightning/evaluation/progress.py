@@ -17,12 +17,14 @@ class PassProgress:
         self.started = time.perf_counter()
         self.in_place = sys.stderr.isatty()
 
-    def advance_to(self, done: int) -> None:
+    def advance_to(self, done: int) -> bool:
+        """Move to ``done`` images; True (after a line) when that crossed an ``every``."""
         crossed = done // self.every > self.done // self.every or done == self.total
         self.done = done
         if crossed:
             end = "\r" if self.in_place and done < self.total else "\n"
             print(self.line(), file=sys.stderr, end=end)
+        return crossed
 
     def line(self) -> str:
         rate = (self.done - self.done_at_start) / max(time.perf_counter() - self.started, 1e-9)
