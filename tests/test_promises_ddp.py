@@ -124,6 +124,8 @@ def test_sigterm_saves_and_the_resumed_run_continues_the_same_wandb_run(
     assert resumed_run.name.endswith("-" + wandb_run.name.rsplit("-", 1)[1])  # the same run
     resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == max_steps
+    fit_seconds = json.loads((second / "metrics.json").read_text())["fit_seconds"]
+    assert 0 < saved["fit_seconds"] < fit_seconds  # the interrupted run's time counts too
 
 
 @with_processes

@@ -2,7 +2,6 @@
 
 import logging
 import sys
-import time
 
 import hydra
 import lightning as L
@@ -26,6 +25,7 @@ from vae_lightning.launch.run_files import (
     save_hardware,
     save_resolved_config,
 )
+from vae_lightning.training.lit_module import VAELitModule
 from vae_lightning.training.loggers import FallbackWandbLogger, finish_wandb_run
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,8 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     try:
         with isolated_ddp_job():
-            started = time.perf_counter()
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-            metrics |= fit_figures(trainer, model, time.perf_counter() - started)
+            metrics |= fit_figures(model)
             metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
             if cfg.test:
                 checkpoint = trainer.checkpoint_callback
@@ -82,13 +81,13 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
     return metrics
 
 
-def fit_figures(trainer: L.Trainer, model: L.LightningModule, seconds: float) -> dict[str, float]:
+def fit_figures(model: VAELitModule) -> dict[str, float]:
     """What a fit cost: its wall time, the model's parameters, and the training images (of all
-    ranks) per second of that wall time."""
+    ranks) per second of that wall time; a resumed run's figures include the runs it resumes."""
     return {
-        "fit_seconds": seconds,
+        "fit_seconds": model.fit_seconds,
         "num_params": float(sum(p.numel() for p in model.parameters())),
-        "images_per_second": model.images_trained / seconds,
+        "images_per_second": model.images_trained / model.fit_seconds,
     }
 
 

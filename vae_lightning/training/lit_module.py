@@ -3,6 +3,7 @@
 import logging
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -108,7 +109,9 @@ class VAELitModule(L.LightningModule):
         self.nonfinite_skipped = 0
         self._skip_update = False
         self.best_val_bpd = math.inf  # over the run's validations, resumes included
-        self._images_trained = torch.zeros(())  # a tensor: counting it never waits for a GPU
+        self._images_trained = torch.zeros((), dtype=torch.long)  # counting never waits for a GPU
+        self._fit_seconds_done = 0.0  # the runs this one resumes, and finished fits
+        self._fit_started: float | None = None
         self.eval_metrics = nn.ModuleDict(
             {f"{split}_{name}": MeanMetric() for split in ("val", "test") for name in METRICS}
         )
@@ -136,8 +139,15 @@ class VAELitModule(L.LightningModule):
 
     @property
     def images_trained(self) -> int:
-        """Training images of all ranks so far in this process (for images per second)."""
+        """Training images of all ranks so far, those of the runs this one resumes included."""
         return int(self._images_trained)
+
+    @property
+    def fit_seconds(self) -> float:
+        """Wall time of training so far, summed over the runs this one resumes (each up to its
+        last checkpoint: work lost after it is done again, and counted then)."""
+        running = 0.0 if self._fit_started is None else time.perf_counter() - self._fit_started
+        return self._fit_seconds_done + running
 
     def current_beta(self) -> float:
         """The KL weight of the training loss at this step (``model.kl_schedule``)."""
@@ -150,12 +160,19 @@ class VAELitModule(L.LightningModule):
         return self.kl_schedule(self.global_step, self.beta, total)
 
     def on_fit_start(self) -> None:
-        """Give each DDP rank a noise stream of its own (posterior samples, dequantization,
-        flips): all ranks start from the same seed, so they would otherwise draw the same noise
-        for their images. The weights are the same on every rank already (DDP broadcast them)."""
+        """Start the fit's clock, and give each DDP rank a noise stream of its own (posterior
+        samples, dequantization, flips): all ranks start from the same seed, so they would
+        otherwise draw the same noise for their images. The weights are the same on every rank
+        already (DDP broadcast them)."""
+        self._fit_started = time.perf_counter()
         if self.trainer.world_size > 1:
             seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
             torch.manual_seed((seed + 1_000_003 * self.global_rank) % 2**63)
+
+    def on_fit_end(self) -> None:
+        """Stop the fit's clock."""
+        self._fit_seconds_done = self.fit_seconds
+        self._fit_started = None
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x = batch[0]
@@ -163,7 +180,7 @@ class VAELitModule(L.LightningModule):
         loss = terms["loss"].mean()
         if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             means, images = self._global_batch_means(terms)
-            self._images_trained = self._images_trained.to(images.device) + images
+            self._images_trained = self._images_trained.to(images.device) + images.long()
             self.vae.likelihood.update_running_sigma(means["train/recon_mse"])
             self.log("train/loss", means.pop("train/loss"), on_step=True, prog_bar=True)
             if self.nonfinite_loss == "skip":
@@ -256,6 +273,8 @@ class VAELitModule(L.LightningModule):
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
         checkpoint["skipped_updates"] = self.skipped_updates
         checkpoint["best_val_bpd"] = self.best_val_bpd
+        checkpoint["fit_seconds"] = self.fit_seconds
+        checkpoint["images_trained"] = self.images_trained
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
@@ -264,6 +283,8 @@ class VAELitModule(L.LightningModule):
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
         self.skipped_updates = int(checkpoint.get("skipped_updates", 0))
         self.best_val_bpd = float(checkpoint.get("best_val_bpd", _checkpoint_best(checkpoint)))
+        self._fit_seconds_done = float(checkpoint.get("fit_seconds", 0.0))
+        self._images_trained = torch.tensor(int(checkpoint.get("images_trained", 0)))
 
     def _global_batch_means(self, terms: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         """``train/{name}`` means over the global batch (all ranks' images, one all-reduce of
