@@ -7,7 +7,7 @@ import torch
 from torch.distributions import Normal
 
 from tests.helpers import ADAM, MLP, fit_in_process
-from vae_lightning.core.estimators import grid_log_likelihood
+from vae_lightning.core.estimators import grid_log_likelihood, sampled_estimates
 from vae_lightning.core.likelihoods import (
     DiscretizedGaussian,
     DiscretizedLogisticMixture,
@@ -240,6 +240,30 @@ def test_the_latent_grid_scores_any_likelihood():
     torch.testing.assert_close(grid("per_pixel"), grid("fixed"))
     for kind in ("discretized_gaussian", "logistic_mixture"):
         assert torch.all(grid(kind=kind) < 0)
+
+
+@pytest.mark.parametrize(
+    ("likelihood", "largest_call"),
+    [
+        ({"kind": "gaussian"}, 15),  # 40 latents a call: all 5 samples of the 3 images at once
+        ({"kind": "logistic_mixture", "num_mixtures": 2}, 6),  # 20 outputs for 3: 40 * 3 // 20
+    ],
+)
+def test_max_batch_bounds_the_decoder_outputs_of_every_head(likelihood, largest_call):
+    """eval.max_batch counts latents for a head with one output per image value, fewer for a
+    head with more, and the estimates do not depend on how the draws are split."""
+    module = make_module(likelihood=likelihood)
+    calls = []
+    module.vae.decoder.register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
+
+    def estimates(max_batch: int):
+        gen = torch.Generator().manual_seed(3)
+        return sampled_estimates(module.vae, batch(3), 5, max_batch=max_batch, generator=gen)
+
+    split = estimates(max_batch=40)
+    assert max(calls) == largest_call
+    for a, b in zip(split, estimates(max_batch=10_000), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_training_on_the_iwae_bound_logs_it_and_validates_on_the_elbo(cifar_dir, tmp_path):

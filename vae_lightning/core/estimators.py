@@ -7,7 +7,9 @@
   because almost no prior draw explains a given x.
 - ``grid_log_likelihood``: a Riemann sum over a grid in latent space, affordable only for H <= 2.
 
-Samples and images are batched together: one decoder call takes up to ``max_batch`` latents.
+Samples and images are batched together: one decoder call takes up to ``max_batch`` latents when
+the likelihood head has one output per image value, and proportionally fewer when it has more
+(``latents_per_call``), so that one ``max_batch`` bounds the memory of every head.
 """
 
 import math
@@ -21,6 +23,7 @@ from vae_lightning.core.elbo import (
     kl_to_standard_normal,
     log_likelihood_from_squared_error,
 )
+from vae_lightning.core.likelihoods import IMAGE_CHANNELS
 from vae_lightning.core.vae import VAE
 
 
@@ -33,10 +36,18 @@ class SampledEstimates(NamedTuple):
     prior: Tensor | None
 
 
+def latents_per_call(vae: VAE, max_batch: int) -> int:
+    """Latents per decoder call: ``max_batch`` divided by the head's outputs per image value
+    (1 for a Gaussian mean, 2 with a heteroscedastic sigma, 100/3 for ten logistic mixtures).
+    The decoder's output and the likelihood's terms, which take most of the memory, grow with
+    those outputs."""
+    return max(1, max_batch * IMAGE_CHANNELS // vae.likelihood.out_channels)
+
+
 def _decoder_log_likelihoods(vae: VAE, x: Tensor, z: Tensor, max_batch: int) -> Tensor:
     """``log p(x_b | z_kb)`` for latents ``z`` of shape ``(K, B, H)``: a ``(K, B)`` tensor."""
     num_samples, batch = z.shape[:2]
-    per_call = max(1, max_batch // batch)
+    per_call = max(1, latents_per_call(vae, max_batch) // batch)
     chunks = []
     for start in range(0, num_samples, per_call):
         z_chunk = z[start : start + per_call]
@@ -100,7 +111,7 @@ def grid_log_likelihood(
     axis = -limit + step * (torch.arange(points_per_axis, device=x.device, dtype=x.dtype) + 0.5)
     points = torch.cartesian_prod(*[axis] * vae.latent_dim).reshape(-1, vae.latent_dim)
     totals, edges = [], []
-    for chunk in points.split(max(1, max_batch // max(1, len(x)))):
+    for chunk in points.split(max(1, latents_per_call(vae, max_batch) // max(1, len(x)))):
         log_joint = _grid_log_likelihoods(vae, x, chunk).double()
         log_joint = log_joint + diagonal_normal_log_density(chunk.double(), 0.0, 0.0)
         totals.append(torch.logsumexp(log_joint, dim=1))
