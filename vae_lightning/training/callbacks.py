@@ -106,7 +106,7 @@ class CheckpointOnPreemption(L.Callback):
         if isinstance(exception, SIGTERMException | SystemExit):
             # Trainer.save_checkpoint without its closing barrier: under SLURM only rank 0 sees
             # submitit's SystemExit, and a barrier would wait forever for the other ranks.
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
             trainer.strategy.save_checkpoint(checkpoint, self.path)
             reason = "SIGTERM" if isinstance(exception, SIGTERMException) else "Preempted"
             rank_zero_info(f"{reason}: saved {self.path} at step {trainer.global_step}")
