@@ -303,6 +303,33 @@ def nonfinite_batch_at(step: int, rank: int = 0) -> list[str]:
     ]
 
 
+class PerturbDecoderAt(L.Callback):
+    """Test callback, added from the command line: after epoch ``epoch``'s validation, add
+    noise of scale ``scale`` to every decoder weight, the same on every rank, so that the next
+    validation's bpd rises far above the best while every value stays finite."""
+
+    def __init__(self, epoch: int = 0, scale: float = 3.0) -> None:
+        self.epoch, self.scale = epoch, scale
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch != self.epoch or self.scale == 0:
+            return
+        noise = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for param in pl_module.vae.decoder.parameters():
+                param.add_(self.scale * torch.randn(param.shape, generator=noise).to(param))
+
+
+def perturb_decoder_at(epoch: int, scale: float = 3.0) -> list[str]:
+    """The overrides that add ``PerturbDecoderAt`` to a run."""
+    target = f"{__name__}.{PerturbDecoderAt.__name__}"
+    return [
+        f"+callbacks.perturb._target_={target}",
+        f"+callbacks.perturb.epoch={epoch}",
+        f"+callbacks.perturb.scale={scale}",
+    ]
+
+
 class WandbFailsAt(L.Callback):
     """Test callback, added from the command line: from global step ``step`` on, the W&B run's
     ``log`` raises wandb's ``CommError``, as when its service dies or the network breaks."""

@@ -100,12 +100,16 @@ def slow_logistic_mixture_log_prob(raw: torch.Tensor, x: torch.Tensor, m: int) -
     return total
 
 
-def test_logistic_mixture_equals_a_slow_direct_computation():
+@pytest.mark.parametrize(
+    "log_scale",
+    [-2.5, 1.6],  # components a few bins wide; and 5 wide, where a bin's mass is its density
+)
+def test_logistic_mixture_equals_a_slow_direct_computation(log_scale):
     m = 3
     gen = torch.Generator().manual_seed(0)
     raw = torch.randn(2, 10 * m, 3, 4, generator=gen, dtype=torch.float64)
     raw[:, m : 4 * m] *= 0.5  # means on [-1, 1]
-    raw[:, 4 * m : 7 * m] = raw[:, 4 * m : 7 * m] - 2.5  # scales about e^-2.5
+    raw[:, 4 * m : 7 * m] = raw[:, 4 * m : 7 * m] + log_scale
     x = torch.randint(0, 256, (2, 3, 3, 4), generator=gen).double() / 256 + 0.5 / 256
     x[0, :, 0, 0] = torch.tensor([0.5 / 256, 255.5 / 256, 0.5 / 256])  # the open outer bins
     fast = LogisticMixtureLikelihood(m)(raw).log_prob(x)

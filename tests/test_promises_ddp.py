@@ -15,6 +15,7 @@ from tests.helpers import (
     assert_no_rank_changed_anything,
     metrics_csv,
     nonfinite_batch_at,
+    perturb_decoder_at,
     run_train,
     single_run,
     start_train,
@@ -96,6 +97,24 @@ def test_a_nonfinite_loss_stops_every_rank_with_one_message(
         f"Error: The loss is nan at step 7 (epoch 1); the last good checkpoint is {last}" in output
     )
     assert torch.load(last, weights_only=True)["global_step"] == 5
+
+
+@with_processes
+def test_a_diverged_run_says_so_once_and_trains_on(cifar_dir, tmp_path, world_size, processes):
+    """The decoder's weights are perturbed after epoch 0: epochs 1 and 2 validate far above
+    epoch 0's bpd, and one warning (not one per rank or per epoch) names the best checkpoint."""
+    args = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT[1:3], *processes]
+    args += ["trainer.max_epochs=3", *perturb_decoder_at(0)]
+    code, output = train_to_file(args, tmp_path)
+    assert code == 0, output
+    run = single_run(tmp_path)
+    bpd = [float(r["val/bpd"]) for r in metrics_csv(run) if r.get("val/bpd")]
+    assert len(bpd) == 3 and min(bpd[1:]) - bpd[0] > 1.0
+    warnings = [line for line in output.splitlines() if "Training has diverged" in line]
+    (best,) = (run / "checkpoints").glob("epoch000-*.ckpt")
+    assert len(warnings) == 1, output
+    assert f"val/bpd {bpd[1]:.3f} at epoch 1" in warnings[0]
+    assert f"best, {bpd[0]:.3f} (checkpoint {best})" in warnings[0]
 
 
 @with_processes

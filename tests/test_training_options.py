@@ -1,6 +1,7 @@
 """Training options researchers compare: KL schedules, free bits, skipped updates, EMA."""
 
 import logging
+import math
 
 import lightning as L
 import pytest
@@ -8,12 +9,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from tests.helpers import ADAM, MLP, fit_in_process
+from tests.helpers import ADAM, MLP, PerturbDecoderAt, fit_in_process
 from vae_lightning.core.elbo import kl_to_standard_normal
 from vae_lightning.core.kl_schedule import KLSchedule
 from vae_lightning.core.vae import VAE
 from vae_lightning.data.cifar10 import CIFAR10DataModule
-from vae_lightning.training.lit_module import STUCK_WINDOW, VAELitModule
+from vae_lightning.training.lit_module import DIVERGED_BPD, STUCK_WINDOW, VAELitModule
 
 
 def test_constant_and_linear_warm_up():
@@ -121,6 +122,48 @@ def test_updates_under_the_threshold_go_through(cifar_dir, tmp_path):
     assert not torch.equal(
         before["vae.decoder.0.0.weight"], module.state_dict()["vae.decoder.0.0.weight"]
     )
+
+
+@pytest.mark.parametrize(
+    ("scale", "kl_schedule", "warnings"),
+    [
+        (0.0, None, 0),
+        (3.0, None, 1),
+        (3.0, {"kind": "linear", "start": 0.0, "warmup_steps": 1000}, 0),  # beta still rising
+    ],
+)
+def test_a_diverged_run_says_so_once_and_names_its_best_checkpoint(
+    cifar_dir, tmp_path, caplog, scale, kl_schedule, warnings
+):
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, kl_schedule=kl_schedule)
+    bpd = []
+
+    class RecordValBpd(L.Callback):
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking:
+                bpd.append(float(trainer.callback_metrics["val/bpd"]))
+
+    best = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/bpd")
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[PerturbDecoderAt(0, scale), RecordValBpd(), best],
+    )
+    dm = CIFAR10DataModule(str(cifar_dir), batch_size=8, num_workers=0, download=False)
+    with caplog.at_level(logging.WARNING):
+        trainer.fit(module, datamodule=dm)
+    diverged = [r.getMessage() for r in caplog.records if "diverged" in r.getMessage()]
+    assert len(bpd) == 3 and all(map(math.isfinite, bpd))
+    assert (max(bpd[1:]) - bpd[0] > DIVERGED_BPD) == (scale > 0)
+    assert len(diverged) == warnings
+    if warnings:
+        assert f"val/bpd {bpd[1]:.3f} at epoch 1" in diverged[0]
+        assert f"the run's best, {bpd[0]:.3f} (checkpoint {tmp_path / 'best.ckpt'})" in diverged[0]
+        assert "model.optimizer.lr" in diverged[0]
 
 
 def test_the_schedule_sets_the_training_loss_beta(cifar_dir, tmp_path):

@@ -82,8 +82,7 @@ def log_bin_mass(
     log_above_lower = log_cdf(-lower)  # the bin of k = 255
     flip = lower > 0
     lo = torch.where(flip, -upper, lower)
-    hi = torch.where(flip, -lower, upper)
-    log_hi = log_cdf(hi)
+    log_hi = torch.where(flip, log_above_lower, log_below_upper)  # log F(hi), hi = -lower or upper
     log_ratio = log_cdf(lo) - log_hi
     log_difference = log_hi + torch.log(-torch.expm1(log_ratio.clamp_max(MASS_CANCELLATION)))
     log_centre = log_density((centre - loc) * inv_scale) + math.log(2 * half_width) - log_scale
@@ -98,7 +97,9 @@ def standard_normal_log_density(t: Tensor) -> Tensor:
 
 
 def standard_logistic_log_density(t: Tensor) -> Tensor:
-    return F.logsigmoid(t) + F.logsigmoid(-t)
+    """log s(t) = log sigmoid(t) + log sigmoid(-t), written with one logsigmoid."""
+    t = t.abs()
+    return 2 * F.logsigmoid(t) - t
 
 
 class Gaussian:

@@ -38,6 +38,10 @@ STUCK_WINDOW = 100
 STUCK_SHARE = 0.5
 """Warn once when more than this share of the last STUCK_WINDOW updates were skipped."""
 
+DIVERGED_BPD = 1.0
+"""Warn once when a validation's bpd lies this far above the run's best (its noise between
+epochs is 0.01 to 0.05 bpd): the run has diverged, with or without a NaN."""
+
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
@@ -99,6 +103,7 @@ class VAELitModule(L.LightningModule):
         self.skipped_updates = 0
         self._recent_skips: deque[bool] = deque(maxlen=STUCK_WINDOW)
         self._warned_stuck = False
+        self._warned_diverged = False
         self.nonfinite_loss = nonfinite_loss
         self.channels_last = bool(arch.get("channels_last", False))
         if self.channels_last:
@@ -325,8 +330,31 @@ class VAELitModule(L.LightningModule):
         optimize and compare (W&B's early termination reads its history)."""
         if self.trainer.sanity_checking:
             return
-        self.best_val_bpd = min(self.best_val_bpd, float(self.eval_metrics["val_bpd"].compute()))
-        self.log("val/bpd_best", self.best_val_bpd, sync_dist=True)  # equal on every rank
+        bpd = float(self.eval_metrics["val_bpd"].compute())  # equal on every rank
+        self.best_val_bpd = min(self.best_val_bpd, bpd)
+        self.log("val/bpd_best", self.best_val_bpd, sync_dist=True)
+        self._warn_if_diverged(bpd)
+
+    def _warn_if_diverged(self, bpd: float) -> None:
+        """Warn once when val/bpd lies DIVERGED_BPD above the run's best, unless a KL schedule
+        still holds beta under its full value (a small beta lets the KL, and the bpd, grow)."""
+        gap = bpd - self.best_val_bpd
+        annealing = self.current_beta() < self.beta
+        if gap < DIVERGED_BPD or annealing or self._warned_diverged or self.global_rank != 0:
+            return
+        self._warned_diverged = True
+        best = [
+            cb.best_model_path
+            for cb in self.trainer.checkpoint_callbacks
+            if cb.monitor == "val/bpd" and Path(cb.best_model_path or "").is_file()
+        ]
+        where = f" (checkpoint {best[0]})" if best else ""
+        log.warning(
+            f"Training has diverged: val/bpd {bpd:.3f} at epoch {self.current_epoch} is "
+            f"{gap:.2f} above the run's best, {self.best_val_bpd:.3f}{where}. Train again, or "
+            "resume from that checkpoint (ckpt_path=...), with a lower model.optimizer.lr or "
+            "gradients clipped by trainer.gradient_clip_val."
+        )
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
