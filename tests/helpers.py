@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -293,14 +294,15 @@ class NonFiniteBatchAt(L.Callback):
         self._before = None
 
 
+def callback_overrides(key: str, callback: type[L.Callback], **settings: Any) -> list[str]:
+    """The overrides that add this module's ``callback`` to a run as ``callbacks.<key>``."""
+    target = f"+callbacks.{key}._target_={__name__}.{callback.__name__}"
+    return [target, *(f"+callbacks.{key}.{name}={value}" for name, value in settings.items())]
+
+
 def nonfinite_batch_at(step: int, rank: int = 0) -> list[str]:
     """The overrides that add ``NonFiniteBatchAt`` to a run."""
-    target = f"{__name__}.{NonFiniteBatchAt.__name__}"
-    return [
-        f"+callbacks.nonfinite._target_={target}",
-        f"+callbacks.nonfinite.step={step}",
-        f"+callbacks.nonfinite.rank={rank}",
-    ]
+    return callback_overrides("nonfinite", NonFiniteBatchAt, step=step, rank=rank)
 
 
 class PerturbDecoderAt(L.Callback):
@@ -322,12 +324,7 @@ class PerturbDecoderAt(L.Callback):
 
 def perturb_decoder_at(epoch: int, scale: float = 3.0) -> list[str]:
     """The overrides that add ``PerturbDecoderAt`` to a run."""
-    target = f"{__name__}.{PerturbDecoderAt.__name__}"
-    return [
-        f"+callbacks.perturb._target_={target}",
-        f"+callbacks.perturb.epoch={epoch}",
-        f"+callbacks.perturb.scale={scale}",
-    ]
+    return callback_overrides("perturb", PerturbDecoderAt, epoch=epoch, scale=scale)
 
 
 class WandbFailsAt(L.Callback):
@@ -352,8 +349,7 @@ class WandbFailsAt(L.Callback):
 
 def wandb_fails_at(step: int) -> list[str]:
     """The overrides that add ``WandbFailsAt`` to a run."""
-    target = f"{__name__}.{WandbFailsAt.__name__}"
-    return [f"+callbacks.wandb_fails._target_={target}", f"+callbacks.wandb_fails.step={step}"]
+    return callback_overrides("wandb_fails", WandbFailsAt, step=step)
 
 
 def descendants(pid: int) -> list[int]:
@@ -381,10 +377,16 @@ def command_line(pid: int) -> str:
 
 
 def fit_in_process(
-    module: L.LightningModule, cifar_dir: Path, checkpoint_dir: Path, batch_size: int, **trainer
+    module: L.LightningModule,
+    cifar_dir: Path,
+    checkpoint_dir: Path,
+    batch_size: int,
+    callbacks: Sequence[L.Callback] = (),
+    **trainer,
 ) -> L.Trainer:
     """Fit ``module`` on the fixture data in this process, on the CPU, seeded, quietly, with
-    ``last.ckpt`` in ``checkpoint_dir``; ``trainer`` holds the Trainer's stopping arguments."""
+    ``callbacks`` and ``last.ckpt`` in ``checkpoint_dir``; ``trainer`` holds the Trainer's
+    stopping arguments."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from vae_lightning.data.cifar10 import CIFAR10DataModule
@@ -395,7 +397,7 @@ def fit_in_process(
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, filename="last")],
+        callbacks=[*callbacks, ModelCheckpoint(dirpath=checkpoint_dir, filename="last")],
         **trainer,
     )
     data = CIFAR10DataModule(str(cifar_dir), batch_size=batch_size, num_workers=0, download=False)

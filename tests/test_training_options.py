@@ -13,7 +13,6 @@ from tests.helpers import ADAM, MLP, PerturbDecoderAt, fit_in_process
 from vae_lightning.core.elbo import kl_to_standard_normal
 from vae_lightning.core.kl_schedule import KLSchedule
 from vae_lightning.core.vae import VAE
-from vae_lightning.data.cifar10 import CIFAR10DataModule
 from vae_lightning.training.lit_module import DIVERGED_BPD, STUCK_WINDOW, VAELitModule
 
 
@@ -91,9 +90,9 @@ def test_free_bits_give_no_gradient_to_dimensions_under_the_floor():
     torch.testing.assert_close(loss_kl, kl_per_dim.clamp_min(0.5).sum().expand(5))
 
 
-def _fit(module: VAELitModule, cifar_dir, tmp_path, max_steps: int) -> L.Trainer:
+def _fit(module: VAELitModule, cifar_dir, tmp_path, max_steps: int, callbacks=()) -> L.Trainer:
     return fit_in_process(
-        module, cifar_dir, tmp_path, batch_size=8, max_steps=max_steps, limit_val_batches=0
+        module, cifar_dir, tmp_path, 8, callbacks, max_steps=max_steps, limit_val_batches=0
     )
 
 
@@ -144,18 +143,9 @@ def test_a_diverged_run_says_so_once_and_names_its_best_checkpoint(
                 bpd.append(float(trainer.callback_metrics["val/bpd"]))
 
     best = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/bpd")
-    L.seed_everything(0)
-    trainer = L.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[PerturbDecoderAt(0, scale), RecordValBpd(), best],
-    )
-    dm = CIFAR10DataModule(str(cifar_dir), batch_size=8, num_workers=0, download=False)
+    callbacks = [PerturbDecoderAt(0, scale), RecordValBpd(), best]
     with caplog.at_level(logging.WARNING):
-        trainer.fit(module, datamodule=dm)
+        fit_in_process(module, cifar_dir, tmp_path, 8, callbacks, max_epochs=3)
     diverged = [r.getMessage() for r in caplog.records if "diverged" in r.getMessage()]
     assert len(bpd) == 3 and all(map(math.isfinite, bpd))
     assert (max(bpd[1:]) - bpd[0] > DIVERGED_BPD) == (scale > 0)
@@ -196,22 +186,8 @@ def test_ema_weights_are_what_the_checkpoint_and_the_module_hold_after_training(
         def on_train_batch_end(self, trainer, pl_module, *args) -> None:
             raw.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
-    L.seed_everything(0)
-    trainer = L.Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[
-            RecordRawWeights(),
-            EMAWeightAveraging(decay=0.5),
-            ModelCheckpoint(dirpath=tmp_path, filename="last"),
-        ],
-    )
-    dm = CIFAR10DataModule(str(cifar_dir), batch_size=8, num_workers=0, download=False)
-    trainer.fit(module, datamodule=dm)
+    callbacks = [RecordRawWeights(), EMAWeightAveraging(decay=0.5)]
+    _fit(module, cifar_dir, tmp_path, max_steps=4, callbacks=callbacks)
     assert len(raw) == 4
     expected = dict(raw[0])
     for weights in raw[1:]:
