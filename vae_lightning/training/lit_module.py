@@ -349,11 +349,12 @@ class VAELitModule(L.LightningModule):
             if cb.monitor == "val/bpd" and Path(cb.best_model_path or "").is_file()
         ]
         where = f" (checkpoint {best[0]})" if best else ""
+        resume = ", or resume from that checkpoint (ckpt_path=...)," if best else ""
         log.warning(
             f"Training has diverged: val/bpd {bpd:.3f} at epoch {self.current_epoch} is "
-            f"{gap:.2f} above the run's best, {self.best_val_bpd:.3f}{where}. Train again, or "
-            "resume from that checkpoint (ckpt_path=...), with a lower model.optimizer.lr or "
-            "gradients clipped by trainer.gradient_clip_val."
+            f"{gap:.2f} above the run's best, {self.best_val_bpd:.3f}{where}. Train again"
+            f"{resume} with a lower model.optimizer.lr or gradients clipped by "
+            "trainer.gradient_clip_val."
         )
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
