@@ -382,12 +382,13 @@ def fit_in_process(
     checkpoint_dir: Path,
     batch_size: int,
     callbacks: Sequence[L.Callback] = (),
+    ckpt_path: Path | None = None,
     **trainer,
 ) -> L.Trainer:
-    """Fit ``module`` on the fixture data in this process, on the CPU, seeded, quietly, with
-    ``callbacks`` and ``last.ckpt`` in ``checkpoint_dir``; ``trainer`` holds the Trainer's
-    stopping arguments."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    """Fit ``module`` (resumed from ``ckpt_path`` if given) on the fixture data in this process,
+    on the CPU, seeded, with ``callbacks`` and ``last.ckpt`` in ``checkpoint_dir``; ``trainer``
+    holds the Trainer's stopping arguments. Quiet unless a callback is a progress bar."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 
     from vae_lightning.data.cifar10 import CIFAR10DataModule
 
@@ -395,13 +396,13 @@ def fit_in_process(
     fitter = L.Trainer(
         accelerator="cpu",
         logger=False,
-        enable_progress_bar=False,
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
         enable_model_summary=False,
         callbacks=[*callbacks, ModelCheckpoint(dirpath=checkpoint_dir, filename="last")],
         **trainer,
     )
     data = CIFAR10DataModule(str(cifar_dir), batch_size=batch_size, num_workers=0, download=False)
-    fitter.fit(module, datamodule=data)
+    fitter.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return fitter
 
 

@@ -65,8 +65,12 @@ class ProgressLog(ProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.monotonic()
         self._first_step = trainer.global_step
+        self._open_windows()  # a run resumed mid-epoch gets no on_train_epoch_start
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._open_windows()
+
+    def _open_windows(self) -> None:
         self._windows = {name: [time.monotonic(), 0] for name in self._windows}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
