@@ -12,10 +12,10 @@ import torch
 import yaml
 from torch import nn
 
-from tests.helpers import offline_wandb_run, run_module, run_train
+from tests.helpers import metrics_csv, offline_wandb_run, run_module, run_train, single_run
 from vae_lightning.launch.run_files import RunFilesNotFoundError
 from vae_lightning.report import load_jobs, swept_parameters, write_report
-from vae_lightning.results import bpd_kind, evaluation
+from vae_lightning.results import best_checkpoint, bpd_kind, evaluation, saved_val_bpd, table_row
 
 pytestmark = pytest.mark.cli
 
@@ -235,6 +235,28 @@ def test_the_results_table_evaluates_each_run_once(cifar_dir, trained_2d, tmp_pa
     assert proc.stdout.startswith(header)
     again = run_module("vae_lightning.results", args, cwd=tmp_path)
     assert "Evaluating" not in again.stderr  # the evaluation is reused
+
+
+def test_the_results_table_takes_the_kept_checkpoint_with_the_lowest_val_bpd(cifar_dir, tmp_path):
+    """With save_top_k > 1 several are kept; their file names sort by epoch, not by val/bpd."""
+    top_k = ["callbacks.model_checkpoint.save_top_k=3", "trainer.max_epochs=3"]
+    run_train([f"data.data_dir={cifar_dir}", *TRAIN, *top_k], cwd=tmp_path)
+    run = single_run(tmp_path)
+    val_bpd = [float(r["val/bpd"]) for r in metrics_csv(run) if r.get("val/bpd")]
+    kept = [p for p in (run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+    assert len(val_bpd) == len(kept) == 3
+    best = best_checkpoint(run)
+    assert best.name.startswith(f"epoch{val_bpd.index(min(val_bpd)):03d}-")
+    assert saved_val_bpd(best) == pytest.approx(min(val_bpd))
+
+
+def test_a_run_whose_training_has_not_finished_is_marked_so(trained_2d, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_2d.parent.parent, run)
+    minutes = json.loads((run / "metrics.json").read_text())["fit_seconds"] / 60
+    assert table_row(run, {})["fit_minutes"] == f"{minutes:.1f}"
+    (run / "metrics.json").unlink()  # as while it trains, or after it was stopped
+    assert table_row(run, {})["fit_minutes"] == "unfinished"
 
 
 @pytest.mark.parametrize(

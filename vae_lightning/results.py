@@ -60,12 +60,26 @@ def run_folders(paths: list[Path]) -> list[Path]:
     return runs
 
 
+def saved_val_bpd(checkpoint: Path) -> float | None:
+    """The val/bpd at which a ``ModelCheckpoint`` monitoring it saved ``checkpoint``, if any."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    for state in saved.get("callbacks", {}).values():
+        if isinstance(state, dict) and state.get("monitor") == "val/bpd":
+            score = state.get("current_score")
+            return float(score) if score is not None else None
+    return None
+
+
 def best_checkpoint(run: Path) -> Path:
-    """The checkpoint kept for the best val/bpd, else ``last.ckpt``."""
-    best = sorted(p for p in (run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+    """The kept checkpoint with the lowest val/bpd (several are kept with ``save_top_k`` > 1),
+    else ``last.ckpt``, else the one kept."""
+    kept = sorted(p for p in (run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+    scored = [(bpd, path) for path in kept if (bpd := saved_val_bpd(path)) is not None]
     last = run / "checkpoints" / "last.ckpt"
-    if best or last.is_file():
-        return best[0] if best else last
+    if scored:
+        return min(scored)[1]
+    if last.is_file() or kept:
+        return last if last.is_file() else kept[0]
     raise RunFilesNotFoundError(f"{run}/checkpoints holds no checkpoint: did the run finish?")
 
 
@@ -131,8 +145,10 @@ def table_row(run: Path, results: dict[str, Any]) -> dict[str, Any]:
     row["bpd_kind"] = bpd_kind(run)
     params = metrics.get("num_params")
     row["num_params"] = f"{params / 1e6:.2f}" if params else None
-    seconds = metrics.get("fit_seconds")
-    row["fit_minutes"] = f"{seconds / 60:.1f}" if seconds else None
+    if not metrics:  # train.py writes metrics.json when training has finished
+        row["fit_minutes"] = "unfinished"
+    elif seconds := metrics.get("fit_seconds"):
+        row["fit_minutes"] = f"{seconds / 60:.1f}"
     if hardware:
         device = hardware["device"]
         if device == "CPU":  # with its threads: "x86_64, 2 threads"
