@@ -23,6 +23,7 @@ import yaml
 from vae_lightning.cli import one_line_errors
 from vae_lightning.core.likelihoods import build_likelihood
 from vae_lightning.launch.run_files import RunFilesNotFoundError, threads
+from vae_lightning.training.lit_module import val_bpd_scores
 
 COLUMNS = {
     "run": "run",
@@ -63,11 +64,7 @@ def run_folders(paths: list[Path]) -> list[Path]:
 def saved_val_bpd(checkpoint: Path) -> float | None:
     """The val/bpd at which a ``ModelCheckpoint`` monitoring it saved ``checkpoint``, if any."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    for state in saved.get("callbacks", {}).values():
-        if isinstance(state, dict) and state.get("monitor") == "val/bpd":
-            score = state.get("current_score")
-            return float(score) if score is not None else None
-    return None
+    return min(val_bpd_scores(saved, "current_score"), default=None)
 
 
 def best_checkpoint(run: Path) -> Path:
@@ -78,8 +75,10 @@ def best_checkpoint(run: Path) -> Path:
     last = run / "checkpoints" / "last.ckpt"
     if scored:
         return min(scored)[1]
-    if last.is_file() or kept:
-        return last if last.is_file() else kept[0]
+    if last.is_file():
+        return last
+    if kept:
+        return kept[0]
     raise RunFilesNotFoundError(f"{run}/checkpoints holds no checkpoint: did the run finish?")
 
 

@@ -369,12 +369,18 @@ class VAELitModule(L.LightningModule):
         return make(params=self.parameters(), **fused)
 
 
-def _checkpoint_best(checkpoint: dict[str, Any]) -> float:
-    """The best val/bpd a checkpoint's ``ModelCheckpoint`` state recorded (checkpoints written
-    before the module kept its own), else infinity."""
+def val_bpd_scores(checkpoint: dict[str, Any], key: str) -> list[float]:
+    """``key`` (``best_model_score``, ``current_score``) of each ``ModelCheckpoint`` state in a
+    loaded checkpoint that monitors val/bpd, where recorded."""
     scores = [
-        state.get("best_model_score")
+        state.get(key)
         for state in checkpoint.get("callbacks", {}).values()
         if isinstance(state, dict) and state.get("monitor") == "val/bpd"
     ]
-    return min((float(s) for s in scores if s is not None), default=math.inf)
+    return [float(s) for s in scores if s is not None]
+
+
+def _checkpoint_best(checkpoint: dict[str, Any]) -> float:
+    """The best val/bpd a checkpoint's ``ModelCheckpoint`` state recorded (checkpoints written
+    before the module kept its own), else infinity."""
+    return min(val_bpd_scores(checkpoint, "best_model_score"), default=math.inf)
