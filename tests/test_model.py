@@ -206,9 +206,16 @@ def test_compiled_module_matches_eager():
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-2)
 
 
-def test_adam_is_fused_only_on_gpus():
-    optimizer = make_module().configure_optimizers()
-    assert optimizer.defaults["fused"] is False  # on the CPU here; True when on a CUDA device
+def test_adam_and_sgd_are_fused_unless_the_config_chooses():
+    def defaults(**optimizer) -> dict:
+        module = VAELitModule(arch=MLP, optimizer={"_partial_": True, **optimizer}, latent_dim=4)
+        return module.configure_optimizers().defaults
+
+    assert defaults(**ADAM)["fused"] is True
+    assert defaults(_target_="torch.optim.SGD", lr=0.1, momentum=0.9)["fused"] is True
+    foreach = defaults(**ADAM, foreach=True)
+    assert foreach["foreach"] is True and not foreach["fused"]
+    assert "fused" not in defaults(_target_="torch.optim.RMSprop", lr=1e-3)
 
 
 def test_the_best_val_bpd_so_far_travels_with_the_checkpoint():

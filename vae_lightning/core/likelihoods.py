@@ -217,14 +217,18 @@ class GaussianLikelihood(nn.Module):
         return self.log_sigma.clamp_min(LOG_SIGMA_MIN)
 
     @torch.no_grad()
-    def update_running_sigma(self, batch_mse: Tensor) -> None:
+    def update_running_sigma(self, batch_mse: Tensor, accept: Tensor | None = None) -> None:
         """In ``optimal`` mode, move sigma^2 towards ``batch_mse``, the batch's mean per-pixel
-        squared error (under DDP, the global batch's, so that every rank keeps the same sigma)."""
+        squared error (under DDP, the global batch's, so that every rank keeps the same sigma);
+        with ``accept``, a boolean tensor, only where it is true (decided on the device)."""
         if self.sigma_mode != "optimal":
             return
         variance = torch.exp(2.0 * self.log_sigma)
         variance = variance + self.sigma_momentum * (batch_mse - variance)
-        self.log_sigma.copy_(0.5 * torch.log(variance))
+        updated = 0.5 * torch.log(variance)
+        if accept is not None:
+            updated = torch.where(accept, updated, self.log_sigma)
+        self.log_sigma.copy_(updated)
 
 
 class DiscretizedLogisticMixture:
@@ -330,7 +334,7 @@ class LogisticMixtureLikelihood(nn.Module):
     def scalar_log_sigma(self) -> None:
         return None
 
-    def update_running_sigma(self, batch_mse: Tensor) -> None:
+    def update_running_sigma(self, batch_mse: Tensor, accept: Tensor | None = None) -> None:
         """Nothing to update: the scales are the decoder's outputs."""
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -19,6 +20,7 @@ from torchmetrics import MeanMetric
 from vae_lightning.core.kl_schedule import KLSchedule
 from vae_lightning.core.likelihoods import SigmaMode, build_likelihood
 from vae_lightning.core.vae import VAE
+from vae_lightning.training.step_rows import DeviceRows
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,10 @@ DIVERGED_BPD = 1.0
 epochs is 0.01 to 0.05 bpd): the run has diverged, with or without a NaN."""
 
 
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+"""Optimizers with a fused kernel on CUDA and CPU that takes a ``found_inf`` flag."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
@@ -57,8 +63,9 @@ class VAELitModule(L.LightningModule):
     hyperparameters alone. ``likelihood`` is the ``model/likelihood`` config (``kind`` and its
     keys; ``build_likelihood``), with the model's ``sigma`` and ``sigma_mode``. ``compile``
     compiles encoder and decoder with ``torch.compile``.
-    A NaN or infinite loss stops training with ``NonFiniteLossError`` (``nonfinite_loss="stop"``)
-    or skips that step on every rank (``"skip"``). ``kl_schedule`` varies beta over the steps
+    A NaN or infinite loss skips its update on every rank, then stops training with
+    ``NonFiniteLossError`` (``nonfinite_loss="stop"``) or goes on (``"skip"``), at the next
+    logging step or checkpoint (``_read_steps``). ``kl_schedule`` varies beta over the steps
     (``KLSchedule``), ``free_bits`` floors each latent dimension's KL in the loss, and
     ``skip_grad_norm`` skips updates whose gradient norm exceeds it.
     """
@@ -103,6 +110,17 @@ class VAELitModule(L.LightningModule):
         self.skipped_updates = 0
         self._recent_skips: deque[bool] = deque(maxlen=STUCK_WINDOW)
         self._warned_stuck = False
+        # Per batch on the device: its metric sums over the global batch, images, this rank's
+        # loss; per update: its gradient norm and whether a loss was not finite.
+        self._step_names: list[str] = []
+        self._steps: DeviceRows | None = None
+        self._updates = DeviceRows(2)
+        self._update_start = 0  # the first of _steps that belongs to the update in progress
+        self._stepped = False
+        # On the host, since the last logging step: metric sums, images, gradient norms.
+        self._window: dict[str, float] = {}
+        self._window_images = 0.0
+        self._grad_norms: list[float] = []
         self._warned_diverged = False
         self.nonfinite_loss = nonfinite_loss
         self.channels_last = bool(arch.get("channels_last", False))
@@ -112,9 +130,8 @@ class VAELitModule(L.LightningModule):
             self.vae.encoder.compile()
             self.vae.decoder.compile()
         self.nonfinite_skipped = 0
-        self._skip_update = False
         self.best_val_bpd = math.inf  # over the run's validations, resumes included
-        self._images_trained = torch.zeros((), dtype=torch.long)  # counting never waits for a GPU
+        self._images_trained = 0
         self._fit_seconds_done = 0.0  # the runs this one resumes, and finished fits
         self._fit_started: float | None = None
         self.eval_metrics = nn.ModuleDict(
@@ -145,7 +162,7 @@ class VAELitModule(L.LightningModule):
     @property
     def images_trained(self) -> int:
         """Training images of all ranks so far, those of the runs this one resumes included."""
-        return int(self._images_trained)
+        return self._images_trained
 
     @property
     def fit_seconds(self) -> float:
@@ -180,73 +197,142 @@ class VAELitModule(L.LightningModule):
         self._fit_started = None
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x = batch[0]
-        terms = self.compute_terms(x, self.iwae_samples)
+        """The loss of one batch. Its figures go to the device-side step record (``DeviceRows``)
+        and reach the host, to be logged and checked, only at ``_read_steps``: nothing here
+        waits for the device."""
+        terms = self.compute_terms(batch[0], self.iwae_samples)
         loss = terms["loss"].mean()
-        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            means, images = self._global_batch_means(terms)
-            self._images_trained = self._images_trained.to(images.device) + images.long()
-            self.vae.likelihood.update_running_sigma(means["train/recon_mse"])
-            self.log("train/loss", means.pop("train/loss"), on_step=True, prog_bar=True)
-            if self.nonfinite_loss == "skip":
-                means["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
-            if self.kl_schedule.kind != "constant":
-                means["train/beta"] = self.current_beta()
-            self.log_dict(means, on_step=True, on_epoch=False)
-            return loss
+        if self._steps is None:
+            self._step_names = [name for name in (*METRICS, "sigma") if name in terms]
+            self._steps = DeviceRows(len(self._step_names) + 2)
+        sums = self._global_sums(terms)
+        row = torch.cat([sums, loss.detach().float().view(1)])
+        self._steps.append(row, (self.global_step, self.current_epoch))
+        if self.vae.likelihood.fits_sigma:
+            mse = sums[self._step_names.index("recon_mse")] / sums[-1]
+            self.vae.likelihood.update_running_sigma(mse, accept=torch.isfinite(sums[0]))
+        return loss
+
+    def _global_sums(self, terms: dict[str, Tensor]) -> Tensor:
+        """Each of ``_step_names`` summed over the global batch (all ranks' images, one
+        all-reduce), then that batch's size."""
+        per_image = torch.stack([terms[name].detach() for name in self._step_names]).float()
+        count = per_image.new_full((1,), per_image.shape[1])
+        sums = torch.cat([per_image.sum(dim=1), count])
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        return sums
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip this update, on every rank alike, when the loss of one of its batches was not
+        finite (on any rank: the sums are all-reduced), or when the global gradient norm exceeds
+        ``skip_grad_norm`` (VDVAE's recipe; gradients are all-reduced already). The weights and
+        the optimizer's state stay as they were. The decision stays on the device."""
+        losses = self._steps.since(self._update_start)[:, 0]
+        nonfinite = ~torch.isfinite(losses).all()
+        self._update_start = len(self._steps)
+        self._stepped = True
+        skip = nonfinite
+        if self.skip_grad_norm is not None:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).float()
+            self._updates.append(torch.stack([norm, nonfinite.float()]))
+            skip = nonfinite | ~(norm <= self.skip_grad_norm)  # a NaN norm is skipped too
+        self._skip_update_if(skip, optimizer)
+
+    def _skip_update_if(self, skip: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """On the device where the optimizer takes a ``found_inf`` flag (the fused Adam, AdamW
+        and SGD kernels, as ``GradScaler`` uses them), unless a ``GradScaler`` of Lightning's
+        sets it; otherwise by dropping the gradients, which waits for the device."""
+        precision = self.trainer.precision_plugin
+        scaled = isinstance(precision, MixedPrecision) and precision.scaler is not None
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and not scaled:
+            optimizer.found_inf = skip.float()
+        elif skip:
+            for param in self.parameters():
+                param.grad = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """At the steps Lightning logs at (every ``trainer.log_every_n_steps``), read the steps
+        since the last such step, act on non-finite losses and log the training metrics."""
+        if not self._stepped:  # a batch that only accumulates gradients
+            return
+        self._stepped = False
+        trainer = self.trainer
+        every = trainer.log_every_n_steps
+        if (every and self.global_step % every == 0) or trainer.should_stop or trainer.fast_dev_run:
+            self._read_steps()
+            self._log_window()
+
+    def on_train_epoch_end(self) -> None:
+        self._read_steps()
+
+    def on_train_end(self) -> None:
+        self._read_steps()
+
+    def _read_steps(self) -> None:
+        """Bring the step records of the finished updates to the host (one copy): the finite
+        steps join the next logged means and the images trained; a non-finite one stops the
+        run (``nonfinite_loss="stop"``) or is counted and named (``"skip"``). Runs at each
+        logging step, at each epoch's end and before each checkpoint is written, so a
+        non-finite loss is acted on at most ``trainer.log_every_n_steps`` steps late, and no
+        checkpoint is written after it in ``stop`` mode."""
+        rows = self._steps.take(self._update_start) if self._steps is not None else []
+        self._update_start = 0
+        names = self._step_names
+        for (step, epoch), values in rows:
+            sums, images, local_loss = values[: len(names)], values[-2], values[-1]
+            if not math.isfinite(sums[0]):
+                self._nonfinite_step(step, epoch, local_loss)
+                continue
+            for name, total in zip(names, sums, strict=True):
+                self._window[name] = self._window.get(name, 0.0) + total
+            self._window_images += images
+            self._images_trained += round(images)
+        for _, (norm, nonfinite) in self._updates.take():
+            if not nonfinite:
+                self._grad_norms.append(norm)
+                self._count_skipped_update(not norm <= self.skip_grad_norm)
+
+    def _nonfinite_step(self, step: int, epoch: int, local_loss: float) -> None:
         if self.nonfinite_loss == "skip":
-            return self._skip_step()
+            self.nonfinite_skipped += 1
+            if self.global_rank == 0:
+                log.warning(
+                    f"Non-finite loss at step {step}: step skipped on every rank "
+                    f"({self.nonfinite_skipped} so far)."
+                )
+            return
         last = self._last_checkpoint()
         what_now = (
             f"the last good checkpoint is {last}: resume from it (ckpt_path=...) with"
             if last
             else "no checkpoint was written yet: restart with"
         )
-        value = "not finite on another DDP rank" if torch.isfinite(loss) else loss.item()
+        value = "not finite on another DDP rank" if math.isfinite(local_loss) else local_loss
         raise NonFiniteLossError(
-            f"The loss is {value} at step {self.global_step} (epoch {self.current_epoch}); "
+            f"The loss is {value} at step {step} (epoch {epoch}); "
             f"{what_now} a lower model.optimizer.lr, or set model.nonfinite_loss=skip."
         )
 
-    def _skip_step(self) -> Tensor:
-        """A step whose loss is not finite on some rank, skipped on every rank alike.
-
-        Every rank still runs a backward pass, of a zero that depends on every parameter, so
-        that DDP's gradient all-reduce happens as usual; ``on_before_optimizer_step`` then drops
-        the gradients, and the optimizer leaves the weights and its own state as they were.
-        Nothing of the step is logged but the count of skipped steps (logged at every step in
-        ``skip`` mode).
-        """
-        self._skip_update = True
-        self.nonfinite_skipped += 1
-        if self.global_rank == 0:
-            log.warning(
-                f"Non-finite loss at step {self.global_step}: step skipped on every rank "
-                f"({self.nonfinite_skipped} so far)."
-            )
-        for key, result in self.trainer._results.items():
-            if key.startswith("training_step.train/"):  # Lightning would log them again
-                result.reset()
-        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
-        return 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop this step's update when its loss was not finite, or when the global gradient
-        norm exceeds ``skip_grad_norm`` (VDVAE's recipe: gradients are all-reduced already, so
-        every DDP rank makes the same decision). Without gradients the optimizer leaves the
-        weights and its own state as they were."""
-        if self.skip_grad_norm is not None and not self._skip_update:
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
-            skip = not bool(norm <= self.skip_grad_norm)  # a NaN norm is skipped too
-            self._count_skipped_update(skip)
-            self.log("train/grad_norm", norm, on_step=True)
-            self.log("train/skipped_updates", float(self.skipped_updates), on_step=True)
-            self._skip_update = skip
-        if self._skip_update:  # also when only one batch of an accumulated update was bad
-            for param in self.parameters():
-                param.grad = None
-        self._skip_update = False
+    def _log_window(self) -> None:
+        """Log ``train/*``: each metric's mean over the images of the finite steps since the
+        last logging step, and the counters. Logged as CPU values, so that neither the loggers
+        nor a progress bar reading them wait for the device."""
+        values: dict[str, float] = {}
+        if self._window_images:
+            values |= {f"train/{k}": v / self._window_images for k, v in self._window.items()}
+        if self.nonfinite_loss == "skip":
+            values["train/nonfinite_skipped"] = self.nonfinite_skipped
+        if self.kl_schedule.kind != "constant":
+            values["train/beta"] = self.current_beta()
+        if self.skip_grad_norm is not None:
+            if self._grad_norms:
+                values["train/grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
+            values["train/skipped_updates"] = self.skipped_updates
+        self._window, self._window_images, self._grad_norms = {}, 0.0, []
+        cpu = {name: torch.tensor(float(v), dtype=torch.float64) for name, v in values.items()}
+        self.log_dict(cpu, on_step=True, on_epoch=False)
 
     def _count_skipped_update(self, skipped: bool) -> None:
         self.skipped_updates += skipped
@@ -275,6 +361,7 @@ class VAELitModule(L.LightningModule):
                         group[key] = value
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._read_steps()  # in stop mode, a non-finite loss stops the run before the file
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
         checkpoint["skipped_updates"] = self.skipped_updates
         checkpoint["best_val_bpd"] = self.best_val_bpd
@@ -289,21 +376,7 @@ class VAELitModule(L.LightningModule):
         self.skipped_updates = int(checkpoint.get("skipped_updates", 0))
         self.best_val_bpd = float(checkpoint.get("best_val_bpd", _checkpoint_best(checkpoint)))
         self._fit_seconds_done = float(checkpoint.get("fit_seconds", 0.0))
-        self._images_trained = torch.tensor(int(checkpoint.get("images_trained", 0)))
-
-    def _global_batch_means(self, terms: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-        """``train/{name}`` means over the global batch (all ranks' images, one all-reduce of
-        the sums and the count), and that count."""
-        names = [name for name in (*METRICS, "sigma") if name in terms]
-        per_rank = [terms[name].detach().sum() for name in names]
-        count = torch.full((), float(terms["loss"].numel()), device=per_rank[0].device)
-        sums = torch.stack([*per_rank, count]).float()
-        if self.trainer.world_size > 1:
-            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        means = {
-            f"train/{name}": total / sums[-1] for name, total in zip(names, sums[:-1], strict=True)
-        }
-        return means, sums[-1]
+        self._images_trained = int(checkpoint.get("images_trained", 0))
 
     def _last_checkpoint(self) -> str | None:
         paths = [
@@ -361,11 +434,14 @@ class VAELitModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """The configured optimizer; Adam and AdamW get the fused CUDA kernel on a GPU."""
+        """The configured optimizer; Adam, AdamW and SGD get their fused kernel on a GPU or CPU
+        unless the config chooses (``model.optimizer.fused``, ``foreach``): one kernel for all
+        parameters, which also skips an update on the device (``_skip_update_if``)."""
         make = instantiate(self.hparams.optimizer)
         fused = {}
-        if make.func in (torch.optim.Adam, torch.optim.AdamW) and "fused" not in make.keywords:
-            fused["fused"] = self.device.type == "cuda"
+        chosen = {"fused", "foreach"} & make.keywords.keys()
+        if make.func in FUSED_OPTIMIZERS and not chosen and self.device.type in ("cuda", "cpu"):
+            fused["fused"] = True
         return make(params=self.parameters(), **fused)
 
 

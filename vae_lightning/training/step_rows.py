@@ -1,0 +1,51 @@
+"""Per-step training figures kept on the training device until the host reads them, so that a
+training step never waits for the device: on a GPU, Python then runs ahead of the kernels."""
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class DeviceRows:
+    """Rows of one width, each appended on the device with a tag that stays on the host (the
+    step it belongs to, say). ``take`` brings the oldest rows to the host in one copy; the
+    buffer doubles when it is full, without a copy to the host."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self._buffer: Tensor | None = None
+        self._tags: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self._tags)
+
+    def append(self, row: Tensor, tag: Any = None) -> None:
+        count = len(self._tags)
+        buffer = self._buffer
+        if buffer is None or count == len(buffer) or buffer.device != row.device:
+            grown = torch.empty(max(64, 2 * count), self.width, dtype=row.dtype, device=row.device)
+            if count:
+                grown[:count].copy_(buffer[:count])
+            self._buffer = buffer = grown
+        buffer[count].copy_(row)
+        self._tags.append(tag)
+
+    def since(self, start: int) -> Tensor:
+        """The rows from ``start`` on, on the device."""
+        if self._buffer is None:
+            return torch.empty(0, self.width)
+        return self._buffer[start : len(self._tags)]
+
+    def take(self, count: int | None = None) -> list[tuple[Any, list[float]]]:
+        """The oldest ``count`` rows (all by default) with their tags, on the host, removed."""
+        count = len(self._tags) if count is None else count
+        if count == 0 or self._buffer is None:
+            return []
+        values = self._buffer[:count].tolist()
+        rest = len(self._tags) - count
+        if rest:
+            self._buffer[:rest].copy_(self._buffer[count : count + rest].clone())
+        taken = list(zip(self._tags[:count], values, strict=True))
+        self._tags = self._tags[count:]
+        return taken
