@@ -295,8 +295,8 @@ class NonFiniteBatchAt(L.Callback):
 
 
 def callback_overrides(key: str, callback: type[L.Callback], **settings: Any) -> list[str]:
-    """The overrides that add this module's ``callback`` to a run as ``callbacks.<key>``."""
-    target = f"+callbacks.{key}._target_={__name__}.{callback.__name__}"
+    """The overrides that add a test module's ``callback`` to a run as ``callbacks.<key>``."""
+    target = f"+callbacks.{key}._target_={callback.__module__}.{callback.__qualname__}"
     return [target, *(f"+callbacks.{key}.{name}={value}" for name, value in settings.items())]
 
 
