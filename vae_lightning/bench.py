@@ -1,69 +1,195 @@
-"""Training throughput: ``python -m vae_lightning.bench [--archs conv] [--target-bpd 6.5]``.
+"""Training speed against its floor: ``python -m vae_lightning.bench [--archs conv] [--small]``.
 
-For each architecture, trains with the device-resident data path and with the DataLoader path
-(at the default config's ``num_workers``) through Lightning's Trainer, and reports images/s after
-warm-up, the implied time per 45k-image epoch, and the share of each step spent waiting for data.
+Times the same network, loss, optimizer, batch size, precision and data path in five training
+loops, in one process, round by round: a bare PyTorch loop (the floor), a minimal
+LightningModule with that loss alone (the floor Lightning sets), the project's LightningModule
+without callbacks or logger, with the train command's callbacks, and with its callbacks and
+logger (what ``python -m vae_lightning.train`` runs). Each is reported as time per step,
+images/s, and ratios to the first two. Windows are timed without waiting for the device inside
+them: on a GPU, CUDA events, read after one synchronisation at the window's end.
 """
 
 import argparse
+import contextlib
 import logging
 import math
 import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import EarlyStopping
+from omegaconf import DictConfig
+from torch import Tensor
 
 from vae_lightning.cli import CONFIG_DIR, one_line_errors, quiet_third_party_warnings
 from vae_lightning.config import build
+from vae_lightning.data.cifar10 import CIFAR10DataModule
 from vae_lightning.launch.run_files import threads
+from vae_lightning.training.lit_module import VAELitModule
+
+LOOPS = {
+    "bare": "bare PyTorch loop",
+    "lightning": "minimal LightningModule",
+    "module": "VAELitModule alone",
+    "callbacks": "+ train callbacks",
+    "command": "+ logger = train command",
+}
+"""The loops, each adding to the one before (the first two share only the network and loss)."""
+
+SMALL = {"archs": "mlp", "batch_size": 16, "threads": 1, "warmup": 50, "steps": 500}
+"""``--small``: a model whose compute is negligible, so that each loop's own cost shows."""
+SMALL_MODEL = ["model.latent_dim=8", "model.arch.encoder.hidden_dims=[32]"]
+SMALL_MODEL += ["model.arch.decoder.hidden_dims=[32]"]
 
 
-class StepTimer(L.Callback):
-    """Per step after ``warmup`` steps: data time (previous step's end to this step's start:
-    fetching, transfer and scaling) and compute time (forward, backward, optimizer)."""
+@dataclass
+class StepTimes:
+    """Marks at the start and end of the timed steps: ``perf_counter`` on a CPU, CUDA events
+    on a GPU (read once, after one synchronisation, by ``result``)."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.data = self.compute = 0.0
-        self.images = 0
-        self._last_end = self._start = 0.0
+    cuda: bool
+    starts: list = field(default_factory=list)
+    ends: list = field(default_factory=list)
+    images: int = 0
 
-    def _now(self, trainer: L.Trainer) -> float:
-        if trainer.strategy.root_device.type == "cuda":
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self.starts.append(self._mark())
+
+    def end(self, images: int) -> None:
+        self.ends.append(self._mark())
+        self.images += images
+
+    def _seconds(self, a, b) -> float:
+        return a.elapsed_time(b) / 1000 if self.cuda else b - a
+
+    def result(self) -> dict[str, float]:
+        """Seconds per step over the window (first start to last end), images/s, and the
+        share of the window outside the steps (fetching data, and the loop's bookkeeping)."""
+        if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter()
+        steps = len(self.ends)
+        total = self._seconds(self.starts[0], self.ends[-1])
+        inside = sum(self._seconds(a, b) for a, b in zip(self.starts, self.ends, strict=True))
+        return {
+            "step_s": total / steps,
+            "images_per_s": self.images / total,
+            "outside_share": max(0.0, 1 - inside / total),
+        }
+
+
+class StepClock(L.Callback):
+    """Marks the steps from ``warmup`` on in a ``StepTimes``."""
+
+    def __init__(self, times: StepTimes, warmup: int) -> None:
+        self.times, self.warmup = times, warmup
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = self._now(trainer)
         if trainer.global_step >= self.warmup:
-            self.data += self._start - self._last_end
+            self.times.start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._last_end = self._now(trainer)
         if trainer.global_step > self.warmup:  # global_step counts this step already
-            self.compute += self._last_end - self._start
-            self.images += len(batch[0])
+            self.times.end(len(batch[0]))
 
 
-def _config(args: argparse.Namespace, arch: str, on_device: bool):
+class MinimalModule(L.LightningModule):
+    """A LightningModule with the loss alone: no logging, no checks, no callbacks."""
+
+    def __init__(self, net: VAELitModule) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.net.compute_terms(batch[0])["loss"].mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.net.configure_optimizers()
+
+
+def _autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """The bare loop's counterpart of Lightning's ``precision``."""
+    if precision in ("32-true", "32"):
+        return contextlib.nullcontext
+    if precision in ("bf16-mixed", "16-mixed"):
+        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        return lambda: torch.autocast(device.type, dtype=dtype)
+    raise ValueError(f"--precision={precision}: the bare loop runs 32-true, bf16-mixed or 16-mixed")
+
+
+def _forever(batches: Iterable) -> Iterator:
+    while True:
+        yield from batches
+
+
+def bare_loop(
+    model: VAELitModule,
+    datamodule: CIFAR10DataModule,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """The floor: the model's loss and optimizer in a plain loop over the same batches, moved
+    to the device and scaled as Lightning does it."""
+    model.to(device).train()
+    optimizer = model.configure_optimizers()
+    autocast = _autocast(args.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16-mixed")
+    batches = datamodule.batches(datamodule.train_set, shuffle=True, device=device)
+    times = StepTimes(cuda=device.type == "cuda")
+    for step, (images, _) in enumerate(_forever(batches)):
+        if step == args.warmup + args.steps:
+            break
+        x = datamodule.scale(images.to(device, non_blocking=True), training=True)
+        if step >= args.warmup:
+            times.start()
+        with autocast():
+            loss = model.compute_terms(x)["loss"].mean()
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if step >= args.warmup:
+            times.end(len(x))
+    return times.result()
+
+
+def _config(args: argparse.Namespace, arch: str, on_device: bool, output_dir: str) -> DictConfig:
     overrides = [
         f"model/arch={arch}",
         f"data.data_dir={args.data_dir}",
         f"data.batch_size={args.batch_size}",
         f"data.on_device={on_device}",
         f"trainer.precision={args.precision}",
+        f"logger={args.logger}",
+        f"paths.output_dir={output_dir}",
+        "run_name=bench",
+        "run_group=null",
+        "~callbacks.model_summary",  # a table at the start, nothing per step
+        "callbacks.progress_bar._target_=vae_lightning.training.progress.ProgressLog",
+        *(SMALL_MODEL if args.small else []),
+        *args.set,
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=overrides)
 
 
 def _trainer(args: argparse.Namespace, callbacks: list[L.Callback], **kwargs) -> L.Trainer:
+    """A Trainer with nothing of its own: no logger, checkpoints, progress bar or summary."""
     return L.Trainer(
         accelerator="auto",
         devices=1,
@@ -77,40 +203,74 @@ def _trainer(args: argparse.Namespace, callbacks: list[L.Callback], **kwargs) ->
     )
 
 
-def throughput(args: argparse.Namespace, arch: str, on_device: bool) -> dict[str, float]:
-    cfg = _config(args, arch, on_device)
+def measure_loop(
+    loop: str, cfg: DictConfig, datamodule: CIFAR10DataModule, args: argparse.Namespace
+) -> dict[str, float]:
+    """One timed window of ``loop`` (a key of LOOPS) on a freshly built, seeded model."""
     L.seed_everything(0, verbose=False)
-    datamodule = build(cfg, "data")
     model = build(cfg, "model", _recursive_=False)
-    timer = StepTimer(args.warmup)
-    trainer = _trainer(
-        args, [timer], max_steps=args.warmup + args.steps, limit_val_batches=0, max_epochs=-1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if loop == "bare":
+        return bare_loop(model, datamodule, device, args)
+    times = StepTimes(cuda=device.type == "cuda")
+    clock = StepClock(times, args.warmup)
+    cfg.paths.output_dir = tempfile.mkdtemp(dir=cfg.paths.output_dir)  # checkpoints, logs
+    stop = {"max_steps": args.warmup + args.steps, "max_epochs": -1, "limit_val_batches": 0}
+    if loop in ("lightning", "module"):
+        trainer = _trainer(args, [clock], **stop)
+        trainer.fit(MinimalModule(model) if loop == "lightning" else model, datamodule=datamodule)
+        return times.result()
+    callbacks = [build(cfg, f"callbacks.{name}") for name in cfg.get("callbacks") or {}]
+    loggers = [build(cfg, f"logger.{name}") for name in cfg.get("logger") or {}]
+    trainer = build(
+        cfg,
+        "trainer",
+        callbacks=[*callbacks, clock],
+        logger=(loggers or False) if loop == "command" else False,
+        devices=1,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **stop,
     )
     trainer.fit(model, datamodule=datamodule)
-    step_time = timer.data + timer.compute
-    images_per_s = timer.images / step_time
+    return times.result()
+
+
+def compare_loops(
+    args: argparse.Namespace, arch: str, on_device: bool, loops: list[str]
+) -> dict[str, dict[str, float]]:
+    """Each loop's median over ``args.rounds`` rounds; the loops alternate within a round, so
+    that a change in the machine's load reaches them all alike."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        cfg = _config(args, arch, on_device, output_dir)
+        datamodule = build(cfg, "data")
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        runs: dict[str, list[dict[str, float]]] = {loop: [] for loop in loops}
+        for _ in range(args.rounds):
+            for loop in loops:
+                runs[loop].append(measure_loop(loop, cfg, datamodule, args))
     return {
-        "images_per_s": images_per_s,
-        "epoch_s": len(datamodule.train_set) / images_per_s,
-        "data_share": timer.data / step_time,
-        "num_workers": 0 if on_device else cfg.data.num_workers,
+        loop: {key: statistics.median(r[key] for r in results) for key in results[0]}
+        for loop, results in runs.items()
     }
 
 
 def time_to_bpd(args: argparse.Namespace, arch: str) -> tuple[float, float, int]:
     """Wall time of fit until val/bpd <= target (validating every ``--val-every`` steps)."""
-    cfg = _config(args, arch, on_device=True)
-    L.seed_everything(0, verbose=False)
-    datamodule = build(cfg, "data")
-    model = build(cfg, "model", _recursive_=False)
-    datamodule.setup("fit")
-    steps_per_epoch = math.ceil(len(datamodule.train_set) / args.batch_size)
-    stop = EarlyStopping("val/bpd", stopping_threshold=args.target_bpd, patience=10**9)
-    interval = min(args.val_every, steps_per_epoch)
-    trainer = _trainer(args, [stop], max_epochs=args.max_epochs, val_check_interval=interval)
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as output_dir:
+        cfg = _config(args, arch, on_device=True, output_dir=output_dir)
+        L.seed_everything(0, verbose=False)
+        datamodule = build(cfg, "data")
+        model = build(cfg, "model", _recursive_=False)
+        datamodule.setup("fit")
+        steps_per_epoch = math.ceil(len(datamodule.train_set) / args.batch_size)
+        stop = EarlyStopping("val/bpd", stopping_threshold=args.target_bpd, patience=10**9)
+        interval = min(args.val_every, steps_per_epoch)
+        trainer = _trainer(args, [stop], max_epochs=args.max_epochs, val_check_interval=interval)
+        started = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule)
+        seconds = time.perf_counter() - started
     return seconds, float(trainer.callback_metrics["val/bpd"]), trainer.global_step
 
 
@@ -140,62 +300,86 @@ def describe_device() -> str:
     return f"CPU: {platform.processor() or platform.machine()}, {threads(torch.get_num_threads())}"
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m vae_lightning.bench", description=__doc__)
-    parser.add_argument("--archs", default="mlp,conv,resnet")
+    parser.add_argument("--archs", default=None, help="comma-separated (default mlp,conv,resnet)")
+    parser.add_argument("--small", action="store_true", help=f"small-model mode: {SMALL}, H = 8")
     parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 128")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--warmup", type=int, default=10, help="steps before timing starts")
-    parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
-    parser.add_argument("--paths", default="device,dataloader", help="data paths to compare")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default all)")
+    parser.add_argument("--warmup", type=int, default=None, help="steps before timing (10)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per window (50)")
+    parser.add_argument("--rounds", type=int, default=3, help="windows per loop; the median")
+    parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated, of: %(default)s")
+    parser.add_argument("--paths", default="device", help="data paths: device,dataloader")
+    parser.add_argument("--logger", default="csv", help="the train command's logger: csv, wandb")
+    parser.add_argument("--set", action="append", default=[], help="a train config override")
     parser.add_argument("--target-bpd", type=float, default=None)
     parser.add_argument("--val-every", type=int, default=100, help="steps, with --target-bpd")
     parser.add_argument("--max-epochs", type=int, default=10, help="with --target-bpd")
     parser.add_argument("--startup", action="store_true", help="also time start-up to step 1")
     parser.add_argument("--output-root", default=str(Path("outputs") / "bench"))
     args = parser.parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    defaults = {"archs": "mlp,conv,resnet", "batch_size": 128, "warmup": 10, "steps": 50}
+    for key, value in (SMALL if args.small else defaults | {"threads": None}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = set(args.loops.split(",")) - LOOPS.keys()
+    if unknown:
+        parser.error(f"--loops: {sorted(unknown)} unknown; choose from {','.join(LOOPS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("lightning.pytorch", "vae_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     quiet_third_party_warnings()
     with one_line_errors():
-        print("\n".join(measure(args)))
+        for line in measure(args):
+            print(line, flush=True)
 
 
-def measure(args: argparse.Namespace) -> list[str]:
-    """The report's lines: the setup, then one line per measurement."""
-
-    lines = [
-        f"device: {describe_device()}",
-        f"python {platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}",
-        f"settings: batch {args.batch_size}, precision {args.precision}, "
-        f"{args.warmup} warm-up + {args.steps} timed steps",
-        f"{'arch':8} {'data path':24} {'images/s':>10} {'s/epoch':>9} {'data share':>11}",
-    ]
-    paths = [p.strip() for p in args.paths.split(",")]
+def measure(args: argparse.Namespace) -> Iterator[str]:
+    """The report's lines: the setup, then a line per loop and data path."""
+    yield f"device: {describe_device()}"
+    yield f"python {platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}"
+    model = "small model (H = 8, hidden 32), " if args.small else ""
+    yield (
+        f"settings: {model}batch {args.batch_size}, precision {args.precision}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps, median of {args.rounds} rounds"
+        + (f", overrides {' '.join(args.set)}" if args.set else "")
+    )
+    yield (
+        f"{'arch':7} {'loop':27} {'data path':13} {'ms/step':>8} {'images/s':>9} "
+        f"{'outside':>8} {'x bare':>7} {'x Lightning':>11}"
+    )
+    loops = args.loops.split(",")
     for arch in args.archs.split(","):
-        results = {}
-        for path in paths:
-            r = throughput(args, arch, on_device=path == "device")
-            results[path] = r
-            label = path if path == "device" else f"dataloader ({r['num_workers']} workers)"
-            lines.append(
-                f"{arch:8} {label:24} {r['images_per_s']:10.0f} {r['epoch_s']:9.1f} "
-                f"{100 * r['data_share']:10.1f}%"
-            )
-        if len(results) == 2:
-            ratio = results["device"]["images_per_s"] / results["dataloader"]["images_per_s"]
-            lines.append(f"{arch:8} device / dataloader throughput: {ratio:.2f}x")
+        for path in args.paths.split(","):
+            results = compare_loops(args, arch, path == "device", loops)
+            floors = [results.get(floor) for floor in ("bare", "lightning")]
+            for loop, r in results.items():
+                ratios = [
+                    f"{floor['step_s'] / r['step_s']:.2f}x" if floor else "-" for floor in floors
+                ]
+                yield (
+                    f"{arch:7} {LOOPS[loop]:27} {path:13} {1000 * r['step_s']:8.2f} "
+                    f"{r['images_per_s']:9.0f} {100 * r['outside_share']:7.1f}% "
+                    f"{ratios[0]:>7} {ratios[1]:>11}"
+                )
         if args.target_bpd is not None:
             seconds, bpd, steps = time_to_bpd(args, arch)
             reached = "reached" if bpd <= args.target_bpd else "NOT reached"
-            lines.append(
-                f"{arch:8} val/bpd <= {args.target_bpd}: {reached} after {seconds:.1f} s "
+            yield (
+                f"{arch:7} val/bpd <= {args.target_bpd}: {reached} after {seconds:.1f} s "
                 f"({steps} steps, val/bpd {bpd:.4f})"
             )
     if args.startup:
-        seconds = startup_seconds(args)
-        lines.append(f"start-up to first training step (whole command): {seconds:.1f} s")
-    return lines
+        yield f"start-up to first training step (whole command): {startup_seconds(args):.1f} s"
 
 
 if __name__ == "__main__":

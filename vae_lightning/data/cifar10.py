@@ -207,19 +207,40 @@ class CIFAR10DataModule(L.LightningDataModule):
         return 4 * needed < torch.cuda.mem_get_info(device)[0]
 
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader | DeviceBatches:
+        trainer = self.trainer
+        if trainer is None:
+            return self.batches(dataset, shuffle, torch.device("cpu"))
+        return self.batches(
+            dataset,
+            shuffle,
+            trainer.strategy.root_device,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            epoch=lambda: trainer.current_epoch,
+        )
+
+    def batches(
+        self,
+        dataset: TensorDataset | None,
+        shuffle: bool,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: Callable[[], int] = lambda: 0,
+    ) -> DataLoader | DeviceBatches:
+        """uint8 batches of ``dataset`` for training on ``device``: drawn there by index (the
+        device path), or from a DataLoader (to be moved there, then ``scale``d)."""
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        trainer = self.trainer
-        device = trainer.strategy.root_device if trainer else torch.device("cpu")
         if self.uses_device_path(device):
             return DeviceBatches(
                 *(t.to(device) for t in dataset.tensors),
                 batch_size=self.batch_size,
                 shuffle=shuffle,
                 seed=int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())),
-                rank=trainer.global_rank if trainer else 0,
-                world_size=trainer.world_size if trainer else 1,
-                epoch=(lambda: trainer.current_epoch) if trainer else (lambda: 0),
+                rank=rank,
+                world_size=world_size,
+                epoch=epoch,
             )
         return DataLoader(
             dataset,
@@ -244,7 +265,11 @@ class CIFAR10DataModule(L.LightningDataModule):
     ) -> tuple[Tensor, Tensor]:
         """Scale (and in training, flip) on the device the batch now lives on."""
         images, labels = batch
+        training = self.trainer is not None and self.trainer.training
+        return self.scale(images, training), labels
+
+    def scale(self, images: Tensor, training: bool) -> Tensor:
+        """uint8 images to [0, 1] (``dequantize``), mirrored at random in ``training`` when
+        ``random_flip`` is set."""
         x = to_unit_interval(images, self.dequantize)
-        if self.random_flip and self.trainer is not None and self.trainer.training:
-            x = random_hflip(x)
-        return x, labels
+        return random_hflip(x) if self.random_flip and training else x

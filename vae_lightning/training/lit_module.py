@@ -331,6 +331,9 @@ class VAELitModule(L.LightningModule):
                 values["train/grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
             values["train/skipped_updates"] = self.skipped_updates
         self._window, self._window_images, self._grad_norms = {}, 0.0, []
+        for key, result in self.trainer._results.items():  # Lightning would log them again
+            if key.startswith("on_train_batch_end.train/") and key.split(".", 1)[1] not in values:
+                result.reset()
         cpu = {name: torch.tensor(float(v), dtype=torch.float64) for name, v in values.items()}
         self.log_dict(cpu, on_step=True, on_epoch=False)
 

@@ -17,8 +17,19 @@ def progress_bar(every_n_steps: int = 100) -> ProgressBar:
     """Rich's live bar (with the training loss and the last val/bpd) when stdout is a terminal;
     otherwise ``ProgressLog``, whose lines also reach ``train.log``."""
     if sys.stdout.isatty():
-        return RichProgressBar()
+        return LiveBar()
     return ProgressLog(every_n_steps)
+
+
+class LiveBar(RichProgressBar):
+    """Rich's bar, with the training loss of the last logging step beside Lightning's metrics:
+    the module logs it as a value on the host, so drawing it never waits for the device."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        if (loss := trainer.callback_metrics.get("train/loss")) is not None:
+            metrics["train/loss"] = float(loss)
+        return metrics
 
 
 def _duration(seconds: float) -> str:
