@@ -5,34 +5,45 @@ import shutil
 import pytest
 
 from tests.helpers import run_module
+from vae_lightning.bench import LOOPS
 
 pytestmark = pytest.mark.cli
 
 
-def test_bench_reports_both_data_paths_and_time_to_target(cifar_dir, tmp_path):
-    proc = run_module(
-        "vae_lightning.bench",
-        [
-            f"--data-dir={cifar_dir}",
-            "--archs=mlp",
-            "--batch-size=16",
-            "--warmup=1",
-            "--steps=2",
-            "--target-bpd=20",
-            "--val-every=2",
-            "--max-epochs=1",
-        ],
-        cwd=tmp_path,
-    )
+def test_bench_times_every_loop_against_the_bare_loop_and_minimal_lightning(cifar_dir, tmp_path):
+    args = [f"--data-dir={cifar_dir}", "--archs=mlp", "--batch-size=16", "--warmup=1"]
+    args += ["--steps=2", "--rounds=1", "--paths=device,dataloader", "--target-bpd=20"]
+    proc = run_module("vae_lightning.bench", [*args, "--val-every=2", "--max-epochs=1"], tmp_path)
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("device: ") and "torch " in lines[1] and "batch 16" in lines[2]
-    device = next(line for line in lines if line.startswith("mlp      device "))
-    loader = next(line for line in lines if "dataloader (2 workers)" in line)
-    for row in (device, loader):
-        images_per_s, epoch_s, share = row.split()[-3:]
-        assert float(images_per_s) > 0 and float(epoch_s) > 0 and 0 <= float(share[:-1]) <= 100
-    assert any("device / dataloader throughput:" in line for line in lines)
+    for path in ("device", "dataloader"):
+        rows = {
+            name: line.split()[-5:]
+            for name, label in LOOPS.items()
+            for line in lines
+            if line.startswith(f"mlp     {label}") and line.split()[-6] == path
+        }
+        assert rows.keys() == LOOPS.keys(), lines
+        bare_ms = float(rows["bare"][0])
+        for ms, images_per_s, outside, x_bare, x_lightning in rows.values():
+            assert float(ms) > 0 and float(images_per_s) > 0 and 0 <= float(outside[:-1]) <= 100
+            assert float(x_bare[:-1]) == pytest.approx(bare_ms / float(ms), rel=0.05)
+        assert rows["bare"][3] == "1.00x" and rows["lightning"][4] == "1.00x"
     assert any("val/bpd <= 20.0: reached" in line for line in lines)
+
+
+def test_the_small_model_mode_and_refused_settings(cifar_dir, tmp_path):
+    args = [f"--data-dir={cifar_dir}", "--small", "--warmup=1", "--steps=2", "--rounds=1"]
+    proc = run_module("vae_lightning.bench", [*args, "--loops=bare,command"], tmp_path)
+    lines = proc.stdout.splitlines()
+    assert "small model (H = 8, hidden 32), batch 16" in lines[2]
+    assert [line.split()[1] for line in lines[4:]] == ["bare", "+"]
+    for bad, message in [
+        ("--loops=bare,fastest", "--loops: ['fastest'] unknown"),
+        ("--precision=bf16-true", "--precision=bf16-true: the bare loop runs 32-true"),
+    ]:
+        proc = run_module("vae_lightning.bench", [*args, bad], tmp_path, expect_ok=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bench_reports_a_damaged_dataset_in_one_line(cifar_dir, tmp_path):

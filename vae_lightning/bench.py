@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,14 +123,16 @@ class MinimalModule(L.LightningModule):
         return self.net.configure_optimizers()
 
 
-def _autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+BARE_PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+"""The precisions the bare loop runs, and the dtype it autocasts to."""
+
+
+def _autocast(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
     """The bare loop's counterpart of Lightning's ``precision``."""
-    if precision in ("32-true", "32"):
+    dtype = BARE_PRECISIONS[precision]
+    if dtype is None:
         return contextlib.nullcontext
-    if precision in ("bf16-mixed", "16-mixed"):
-        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
-        return lambda: torch.autocast(device.type, dtype=dtype)
-    raise ValueError(f"--precision={precision}: the bare loop runs 32-true, bf16-mixed or 16-mixed")
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def _forever(batches: Iterable) -> Iterator:
@@ -328,6 +331,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.loops.split(",")) - LOOPS.keys()
     if unknown:
         parser.error(f"--loops: {sorted(unknown)} unknown; choose from {','.join(LOOPS)}")
+    if "bare" in args.loops.split(",") and args.precision not in BARE_PRECISIONS:
+        parser.error(
+            f"--precision={args.precision}: the bare loop runs {', '.join(BARE_PRECISIONS)}"
+            " (or leave it out with --loops)"
+        )
     return args
 
 

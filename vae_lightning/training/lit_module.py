@@ -254,15 +254,21 @@ class VAELitModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """At the steps Lightning logs at (every ``trainer.log_every_n_steps``), read the steps
-        since the last such step, act on non-finite losses and log the training metrics."""
+        since the last such step, act on non-finite losses and log the training metrics. At an
+        epoch's or the run's last step, log their means so far without starting a new window:
+        Lightning passes them to no logger there, but the progress line and the run's final
+        metrics get them."""
         if not self._stepped:  # a batch that only accumulates gradients
             return
         self._stepped = False
         trainer = self.trainer
         every = trainer.log_every_n_steps
-        if (every and self.global_step % every == 0) or trainer.should_stop or trainer.fast_dev_run:
+        logging_step = (every and self.global_step % every == 0) or trainer.should_stop
+        logging_step = logging_step or bool(trainer.fast_dev_run)
+        last = batch_idx + 1 == trainer.num_training_batches or self.global_step == trainer.max_steps
+        if logging_step or last:
             self._read_steps()
-            self._log_window()
+            self._log_window(new_window=logging_step)
 
     def on_train_epoch_end(self) -> None:
         self._read_steps()
@@ -315,10 +321,10 @@ class VAELitModule(L.LightningModule):
             f"{what_now} a lower model.optimizer.lr, or set model.nonfinite_loss=skip."
         )
 
-    def _log_window(self) -> None:
+    def _log_window(self, new_window: bool = True) -> None:
         """Log ``train/*``: each metric's mean over the images of the finite steps since the
-        last logging step, and the counters. Logged as CPU values, so that neither the loggers
-        nor a progress bar reading them wait for the device."""
+        last logging step, and the counters; then start a new window. Logged as CPU values, so
+        that neither the loggers nor a progress bar reading them wait for the device."""
         values: dict[str, float] = {}
         if self._window_images:
             values |= {f"train/{k}": v / self._window_images for k, v in self._window.items()}
@@ -330,7 +336,8 @@ class VAELitModule(L.LightningModule):
             if self._grad_norms:
                 values["train/grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
             values["train/skipped_updates"] = self.skipped_updates
-        self._window, self._window_images, self._grad_norms = {}, 0.0, []
+        if new_window:
+            self._window, self._window_images, self._grad_norms = {}, 0.0, []
         for key, result in self.trainer._results.items():  # Lightning would log them again
             if key.startswith("on_train_batch_end.train/") and key.split(".", 1)[1] not in values:
                 result.reset()
