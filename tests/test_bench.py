@@ -24,10 +24,11 @@ def test_bench_times_every_loop_against_the_bare_loop_and_minimal_lightning(cifa
             if line.startswith(f"mlp     {label}") and line.split()[-6] == path
         }
         assert rows.keys() == LOOPS.keys(), lines
-        bare_ms = float(rows["bare"][0])
+        bare_ms, lightning_ms = float(rows["bare"][0]), float(rows["lightning"][0])
         for ms, images_per_s, outside, x_bare, x_lightning in rows.values():
             assert float(ms) > 0 and float(images_per_s) > 0 and 0 <= float(outside[:-1]) <= 100
             assert float(x_bare[:-1]) == pytest.approx(bare_ms / float(ms), rel=0.05)
+            assert float(x_lightning[:-1]) == pytest.approx(lightning_ms / float(ms), rel=0.05)
         assert rows["bare"][3] == "1.00x" and rows["lightning"][4] == "1.00x"
     assert any("val/bpd <= 20.0: reached" in line for line in lines)
 

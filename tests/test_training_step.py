@@ -84,9 +84,7 @@ def job_config(*overrides: str) -> DictConfig:
     ],
     ids=["defaults", "every guard"],
 )
-def test_the_train_command_reads_nothing_from_the_device_between_logging_steps(
-    tmp_path, settings
-):
+def test_the_train_command_reads_nothing_from_the_device_between_logging_steps(tmp_path, settings):
     """The train command's own configuration (CSV logger, every default callback, the guards)
     for 20 steps, logging every 5: the host reads a value from the device at the logging steps
     alone. (The progress line, every 10 steps here and 100 by default, reads only the values
@@ -162,7 +160,6 @@ def test_device_rows_hand_over_the_oldest_rows_and_keep_the_rest():
     rows = DeviceRows(2)
     for step in range(100):  # past the first buffer of 64 rows
         rows.append(torch.tensor([step, 2.0 * step]), tag=step)
-    assert rows.since(98).tolist() == [[98, 196], [99, 198]]
     taken = rows.take(70)
     assert taken == [(step, [step, 2.0 * step]) for step in range(70)] and len(rows) == 30
     assert rows.take() == [(step, [step, 2.0 * step]) for step in range(70, 100)]

@@ -116,7 +116,10 @@ class VAELitModule(L.LightningModule):
         self._steps: DeviceRows | None = None
         self._updates = DeviceRows(2)
         self._update_start = 0  # the first of _steps that belongs to the update in progress
+        self._update_finite: Tensor | None = None  # its losses so far were finite
         self._stepped = False
+        self._logged = False  # train/* values were logged at the last step
+        self._skips_on_device = False  # set for each fit, in on_train_start
         # On the host, since the last logging step: metric sums, images, gradient norms.
         self._window: dict[str, float] = {}
         self._window_images = 0.0
@@ -205,20 +208,24 @@ class VAELitModule(L.LightningModule):
         if self._steps is None:
             self._step_names = [name for name in (*METRICS, "sigma") if name in terms]
             self._steps = DeviceRows(len(self._step_names) + 2)
-        sums = self._global_sums(terms)
-        row = torch.cat([sums, loss.detach().float().view(1)])
-        self._steps.append(row, (self.global_step, self.current_epoch))
-        if self.vae.likelihood.fits_sigma:
-            mse = sums[self._step_names.index("recon_mse")] / sums[-1]
-            self.vae.likelihood.update_running_sigma(mse, accept=torch.isfinite(sums[0]))
+        with torch.no_grad():
+            sums = self._global_sums(terms)
+            finite = torch.isfinite(sums[0])  # on every rank
+            row = torch.cat([sums, loss.view(1)])
+            self._steps.append(row, (self.global_step, self.current_epoch))
+            if self._update_finite is not None:  # accumulating gradients
+                finite = finite & self._update_finite
+            self._update_finite = finite
+            if self.vae.likelihood.fits_sigma:
+                mse = sums[self._step_names.index("recon_mse")] / sums[-1]
+                self.vae.likelihood.update_running_sigma(mse, accept=finite)
         return loss
 
     def _global_sums(self, terms: dict[str, Tensor]) -> Tensor:
         """Each of ``_step_names`` summed over the global batch (all ranks' images, one
         all-reduce), then that batch's size."""
-        per_image = torch.stack([terms[name].detach() for name in self._step_names]).float()
-        count = per_image.new_full((1,), per_image.shape[1])
-        sums = torch.cat([per_image.sum(dim=1), count])
+        per_image = [terms[name] for name in self._step_names]
+        sums = torch.stack([*per_image, torch.ones_like(per_image[0])]).sum(dim=1)
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         return sums
@@ -228,8 +235,8 @@ class VAELitModule(L.LightningModule):
         finite (on any rank: the sums are all-reduced), or when the global gradient norm exceeds
         ``skip_grad_norm`` (VDVAE's recipe; gradients are all-reduced already). The weights and
         the optimizer's state stay as they were. The decision stays on the device."""
-        losses = self._steps.since(self._update_start)[:, 0]
-        nonfinite = ~torch.isfinite(losses).all()
+        nonfinite = ~self._update_finite
+        self._update_finite = None
         self._update_start = len(self._steps)
         self._stepped = True
         skip = nonfinite
@@ -241,12 +248,9 @@ class VAELitModule(L.LightningModule):
         self._skip_update_if(skip, optimizer)
 
     def _skip_update_if(self, skip: Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """On the device where the optimizer takes a ``found_inf`` flag (the fused Adam, AdamW
-        and SGD kernels, as ``GradScaler`` uses them), unless a ``GradScaler`` of Lightning's
-        sets it; otherwise by dropping the gradients, which waits for the device."""
-        precision = self.trainer.precision_plugin
-        scaled = isinstance(precision, MixedPrecision) and precision.scaler is not None
-        if getattr(optimizer, "_step_supports_amp_scaling", False) and not scaled:
+        """On the device where the optimizer takes a ``found_inf`` flag (``_skips_on_device``);
+        otherwise by dropping the gradients, which waits for the device."""
+        if self._skips_on_device:
             optimizer.found_inf = skip.float()
         elif skip:
             for param in self.parameters():
@@ -265,7 +269,9 @@ class VAELitModule(L.LightningModule):
         every = trainer.log_every_n_steps
         logging_step = (every and self.global_step % every == 0) or trainer.should_stop
         logging_step = logging_step or bool(trainer.fast_dev_run)
-        last = batch_idx + 1 == trainer.num_training_batches or self.global_step == trainer.max_steps
+        last = (
+            batch_idx + 1 == trainer.num_training_batches or self.global_step == trainer.max_steps
+        )
         if logging_step or last:
             self._read_steps()
             self._log_window(new_window=logging_step)
@@ -338,11 +344,19 @@ class VAELitModule(L.LightningModule):
             values["train/skipped_updates"] = self.skipped_updates
         if new_window:
             self._window, self._window_images, self._grad_norms = {}, 0.0, []
-        for key, result in self.trainer._results.items():  # Lightning would log them again
-            if key.startswith("on_train_batch_end.train/") and key.split(".", 1)[1] not in values:
-                result.reset()
         cpu = {name: torch.tensor(float(v), dtype=torch.float64) for name, v in values.items()}
         self.log_dict(cpu, on_step=True, on_epoch=False)
+        self._logged = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Drop the values logged at the last step from Lightning's result collection, once
+        Lightning has passed them on: it would walk them at every step and log them again at
+        its next logging step. ``trainer.callback_metrics`` keeps them."""
+        if self._logged:
+            self._logged = False
+            for key, result in self.trainer._results.items():
+                if key.startswith("on_train_batch_end.train/"):
+                    result.reset()
 
     def _count_skipped_update(self, skipped: bool) -> None:
         self.skipped_updates += skipped
@@ -360,7 +374,16 @@ class VAELitModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         """Apply the configured optimizer settings (``model.optimizer.lr``, ...) to a resumed
-        optimizer: loading its state from a checkpoint brings back the old ones."""
+        optimizer: loading its state from a checkpoint brings back the old ones. And find out
+        whether updates can be skipped on the device: every optimizer takes a ``found_inf``
+        flag (the fused Adam, AdamW and SGD kernels, as ``GradScaler`` uses them) that no
+        ``GradScaler`` of Lightning's sets."""
+        precision = self.trainer.precision_plugin
+        scaled = isinstance(precision, MixedPrecision) and precision.scaler is not None
+        takes_flag = [
+            getattr(o, "_step_supports_amp_scaling", False) for o in self.trainer.optimizers
+        ]
+        self._skips_on_device = all(takes_flag) and not scaled
         settings = {k: v for k, v in self.hparams.optimizer.items() if not k.startswith("_")}
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:

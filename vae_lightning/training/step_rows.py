@@ -31,12 +31,6 @@ class DeviceRows:
         buffer[count].copy_(row)
         self._tags.append(tag)
 
-    def since(self, start: int) -> Tensor:
-        """The rows from ``start`` on, on the device."""
-        if self._buffer is None:
-            return torch.empty(0, self.width)
-        return self._buffer[start : len(self._tags)]
-
     def take(self, count: int | None = None) -> list[tuple[Any, list[float]]]:
         """The oldest ``count`` rows (all by default) with their tags, on the host, removed."""
         count = len(self._tags) if count is None else count
