@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -26,12 +27,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig
 from torch import Tensor
 
 from vae_lightning.cli import CONFIG_DIR, one_line_errors, quiet_third_party_warnings
-from vae_lightning.config import build
+from vae_lightning.config import ConfigError, build
 from vae_lightning.data.cifar10 import CIFAR10DataModule
 from vae_lightning.launch.run_files import threads
 from vae_lightning.training.lit_module import VAELitModule
@@ -44,6 +46,12 @@ LOOPS = {
     "command": "+ logger = train command",
 }
 """The loops, each adding to the one before (the first two share only the network and loss)."""
+
+BENCH_WARNINGS = (
+    r"You passed in a `val_dataloader` but have no `validation_step`",
+    r"`ModelCheckpoint\(monitor='val/bpd'\)` could not find the monitored key",
+)
+"""What Lightning says of loops that train without validating, as the bench's do."""
 
 SMALL = {"archs": "mlp", "batch_size": 16, "threads": 1, "warmup": 50, "steps": 500}
 """``--small``: a model whose compute is negligible, so that each loop's own cost shows."""
@@ -146,11 +154,24 @@ def bare_loop(
     args: argparse.Namespace,
 ) -> dict[str, float]:
     """The floor: the model's loss and optimizer in a plain loop over the same batches, moved
-    to the device and scaled as Lightning does it."""
+    to the device and scaled as Lightning does it; with ``--compile-step``, the step (forward,
+    backward, update) compiled by ``torch.compile`` in that mode (``reduce-overhead`` replays
+    it as a CUDA graph on a GPU)."""
     model.to(device).train()
     optimizer = model.configure_optimizers()
     autocast = _autocast(args.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16-mixed")
+
+    def train_step(x: Tensor) -> None:
+        with autocast():
+            loss = model.compute_terms(x)["loss"].mean()
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    if args.compile_step:
+        train_step = torch.compile(train_step, mode=args.compile_step)
     batches = datamodule.batches(datamodule.train_set, shuffle=True, device=device)
     times = StepTimes(cuda=device.type == "cuda")
     for step, (images, _) in enumerate(_forever(batches)):
@@ -159,12 +180,7 @@ def bare_loop(
         x = datamodule.scale(images.to(device, non_blocking=True), training=True)
         if step >= args.warmup:
             times.start()
-        with autocast():
-            loss = model.compute_terms(x)["loss"].mean()
-        optimizer.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(x)
         if step >= args.warmup:
             times.end(len(x))
     return times.result()
@@ -187,7 +203,10 @@ def _config(args: argparse.Namespace, arch: str, on_device: bool, output_dir: st
         *args.set,
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=overrides)
+        try:
+            return compose("train", overrides=overrides)
+        except HydraException as err:
+            raise ConfigError(f"--set {' '.join(args.set)}: {err}") from None
 
 
 def _trainer(args: argparse.Namespace, callbacks: list[L.Callback], **kwargs) -> L.Trainer:
@@ -314,6 +333,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--paths", default="device", help="data paths: device,dataloader")
     parser.add_argument("--logger", default="csv", help="the train command's logger: csv, wandb")
     parser.add_argument("--set", action="append", default=[], help="a train config override")
+    parser.add_argument(
+        "--compile-step",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="compile the bare loop's whole step with torch.compile in this mode",
+    )
     parser.add_argument("--target-bpd", type=float, default=None)
     parser.add_argument("--val-every", type=int, default=100, help="steps, with --target-bpd")
     parser.add_argument("--max-epochs", type=int, default=10, help="with --target-bpd")
@@ -342,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("lightning.pytorch", "vae_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     quiet_third_party_warnings()
+    for expected in BENCH_WARNINGS:
+        warnings.filterwarnings("ignore", message=expected)
     with one_line_errors():
         for line in measure(args):
             print(line, flush=True)
@@ -357,6 +383,7 @@ def measure(args: argparse.Namespace) -> Iterator[str]:
         f"settings: {model}batch {args.batch_size}, precision {args.precision}, "
         f"{args.warmup} warm-up + {args.steps} timed steps, best of {args.rounds} rounds"
         + (f", overrides {' '.join(args.set)}" if args.set else "")
+        + (f", bare step compiled ({args.compile_step})" if args.compile_step else "")
     )
     yield (
         f"{'arch':7} {'loop':27} {'data path':13} {'ms/step':>8} {'images/s':>9} "
