@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import REAL_DATA, write_cifar10
+from tests.helpers import REAL_DATA, run_train, write_cifar10
 from vae_lightning.data.cifar10 import (
     BASE_FOLDER,
     CIFAR10DataModule,
@@ -163,6 +163,48 @@ def test_malformed_batch_is_reported_with_its_file(tmp_path):
         pickle.dump({"data": torch.zeros(2, 100, dtype=torch.uint8).numpy(), "labels": [0, 1]}, f)
     with pytest.raises(DatasetCorruptError, match=r"data_batch_3.*delete it"):
         read_cifar10(tmp_path, train=True)
+
+
+class LeavesAMarker:
+    """Unpickled, it would run ``touch`` on a marker file: what a crafted data file can do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_crafted_batch(root: Path, marker: Path) -> Path:
+    """A CIFAR-10 folder whose data_batch_2 runs a command when unpickled with pickle.load."""
+    write_cifar10(root, images_per_file=2)
+    path = root / BASE_FOLDER / "data_batch_2"
+    with open(path, "wb") as f:
+        pickle.dump({"data": LeavesAMarker(marker), "labels": [0, 1]}, f)
+    return path
+
+
+def test_a_crafted_batch_is_refused_without_running_anything(tmp_path):
+    marker = tmp_path / "marker"
+    path = write_crafted_batch(tmp_path / "data", marker)
+    with pytest.raises(DatasetCorruptError) as err:
+        read_cifar10(tmp_path / "data", train=True)
+    assert str(path) in str(err.value) and "which a CIFAR-10 batch never holds" in str(err.value)
+    assert not marker.exists()
+    with open(path, "rb") as f:  # the file does run code under pickle.load
+        pickle.load(f)
+    assert marker.exists()
+
+
+@pytest.mark.cli
+def test_the_train_command_refuses_a_crafted_batch_in_one_line(tmp_path):
+    marker = tmp_path / "marker"
+    path = write_crafted_batch(tmp_path / "data", marker)
+    proc = run_train(
+        [f"data.data_dir={tmp_path / 'data'}", "logger=csv"], tmp_path, expect_ok=False
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"Error: {path} is not a CIFAR-10 batch" in proc.stderr and not marker.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

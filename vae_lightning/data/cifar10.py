@@ -18,11 +18,18 @@ import pickle
 import urllib.error
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+
+try:
+    from numpy._core.multiarray import _reconstruct as numpy_reconstruct
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct as numpy_reconstruct
 
 BASE_FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -37,6 +44,29 @@ class DatasetCorruptError(ValueError):
     """A CIFAR-10 batch file cannot be read as one."""
 
 
+BATCH_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): numpy.ndarray,
+    ("numpy", "dtype"): numpy.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): numpy_reconstruct,
+}
+"""The classes and functions a CIFAR-10 batch names (its arrays, pickled by numpy 1 or 2)."""
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR-10's python batches that builds only what they hold: dicts,
+    lists, strings, bytes, numbers and numpy arrays. Any other class or function a file names
+    is refused, so a crafted file runs nothing."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return BATCH_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which a CIFAR-10 batch never holds"
+            ) from None
+
+
 def read_cifar10(root: str | Path, train: bool) -> tuple[Tensor, Tensor]:
     """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` int64 from the python batch files."""
     folder = Path(root) / BASE_FOLDER
@@ -46,7 +76,7 @@ def read_cifar10(root: str | Path, train: bool) -> tuple[Tensor, Tensor]:
         fix = "delete it to download it again, or replace it with the official file"
         try:
             with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
+                entry = BatchUnpickler(f, encoding="latin1").load()
             data = torch.as_tensor(entry["data"], dtype=torch.uint8)
         except PermissionError as err:
             raise PermissionError(
