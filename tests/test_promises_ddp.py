@@ -79,6 +79,7 @@ def test_a_nonfinite_step_is_skipped_on_every_rank_and_changes_nothing(
     line = "epoch 1/1 (end) step 5 |"
     assert output.count(line) == 1 and line in (run / "train.log").read_text()
     assert "LeafSpec" not in output and "Tip:" not in output
+    assert "sync_dist=True" not in output  # every logged validation figure is over all ranks
     if world_size == 2:
         assert "distributed_backend=gloo" in output
         assert "All distributed processes registered. Starting with 2 processes" in output

@@ -55,8 +55,10 @@ class LatentUsage(L.Callback):
         mu_sum, mu_sq_sum, kl_sum = rest.chunk(3)
         mu_variance = mu_sq_sum / count - (mu_sum / count).pow(2)
         active = active_units(mu_variance, self.active_threshold)
-        pl_module.log("val/active_units", float(active), on_epoch=True)
-        pl_module.log("val/mutual_info", (mi_sum / count).float(), on_epoch=True)
+        # Already over every rank's images; sync_dist only tells Lightning so (it averages
+        # the ranks' equal values).
+        pl_module.log("val/active_units", float(active), on_epoch=True, sync_dist=True)
+        pl_module.log("val/mutual_info", (mi_sum / count).float(), on_epoch=True, sync_dist=True)
         if trainer.is_global_zero:
             self._log_histogram(trainer, (kl_sum / count).float().cpu())
 
