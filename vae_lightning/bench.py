@@ -235,7 +235,8 @@ def measure_loop(
         return bare_loop(model, datamodule, device, args)
     times = StepTimes(cuda=device.type == "cuda")
     clock = StepClock(times, args.warmup)
-    cfg.paths.output_dir = tempfile.mkdtemp(dir=cfg.paths.output_dir)  # checkpoints, logs
+    cfg = cfg.copy()  # a folder of its own for the checkpoints and logs
+    cfg.paths.output_dir = tempfile.mkdtemp(dir=cfg.paths.output_dir)
     stop = {"max_steps": args.warmup + args.steps, "max_epochs": -1, "limit_val_batches": 0}
     if loop in ("lightning", "module"):
         trainer = _trainer(args, [clock], **stop)
@@ -345,7 +346,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-root", default=str(Path("outputs") / "bench"))
     args = parser.parse_args(argv)
     defaults = {"archs": "mlp,conv,resnet", "batch_size": 128, "warmup": 10, "steps": 50}
-    for key, value in (SMALL if args.small else defaults | {"threads": None}).items():
+    for key, value in (SMALL if args.small else defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     unknown = set(args.loops.split(",")) - LOOPS.keys()
