@@ -81,14 +81,19 @@ def run_train(args: list[str], cwd: Path, expect_ok: bool = True) -> subprocess.
 
 
 def run_module(
-    module: str, args: list[str], cwd: Path, expect_ok: bool = True, timeout: int = 300
+    module: str,
+    args: list[str],
+    cwd: Path,
+    expect_ok: bool = True,
+    timeout: int = 300,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``python -m MODULE ARGS`` in ``cwd``; fail with its output if it fails."""
     cwd.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env=cli_env(cwd),
+        env=cli_env(cwd) | (extra_env or {}),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

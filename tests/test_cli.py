@@ -378,7 +378,7 @@ def test_resume_refuses_a_file_that_is_no_checkpoint(cifar_dir, tmp_path):
         [f"data.data_dir={cifar_dir}", f"ckpt_path={bogus}"], tmp_path, expect_ok=False
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert f"ckpt_path={bogus} cannot be read as a vae_lightning checkpoint" in proc.stderr
+    assert f"ckpt_path={bogus} is not a torch checkpoint file" in proc.stderr
 
 
 def test_truncated_dataset_file_gives_one_clear_error(cifar_dir, tmp_path):

@@ -16,6 +16,7 @@ from vae_lightning.evaluation.fid import FIDUnavailableError
 from vae_lightning.launch.hydra_callbacks import JobFailed
 from vae_lightning.launch.multirun import is_multirun, sweep_group
 from vae_lightning.launch.run_files import RunFilesNotFoundError
+from vae_lightning.training.checkpoints import CheckpointError
 from vae_lightning.training.lit_module import NonFiniteLossError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -33,6 +34,7 @@ KNOWN_ERRORS = (
     NonFiniteLossError,
     RunFilesNotFoundError,
     FIDUnavailableError,
+    CheckpointError,
 )
 """Errors whose message says what went wrong and what to do: shown without a traceback."""
 

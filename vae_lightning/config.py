@@ -1,6 +1,5 @@
 """Checks of the composed config, so that bad settings fail before any data or model is built."""
 
-import pickle
 import re
 from numbers import Real
 from pathlib import Path
@@ -16,6 +15,7 @@ from vae_lightning.core.kl_schedule import KINDS as KL_KINDS
 from vae_lightning.core.likelihoods import LIKELIHOODS, SIGMA_MODES
 from vae_lightning.evaluation.fid import NETWORKS
 from vae_lightning.launch.run_files import flatten
+from vae_lightning.training.checkpoints import read_checkpoint
 from vae_lightning.training.loggers import WANDB_MODES, is_log_model_choice
 
 
@@ -238,19 +238,13 @@ def _flat_model_settings(model: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_resume_checkpoint(cfg: DictConfig) -> str | None:
-    """Refuse a ``ckpt_path`` that is no checkpoint, or whose model differs from ``cfg.model``;
-    return the W&B run id stored in it, if any."""
+    """Refuse a ``ckpt_path`` that ``read_checkpoint`` refuses, or whose model differs from
+    ``cfg.model``; return the W&B run id stored in it, if any."""
     path = _get(cfg, "ckpt_path")
     if path is None:
         return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved = checkpoint["hyper_parameters"]
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as err:
-        raise ConfigError(
-            f"ckpt_path={path} cannot be read as a vae_lightning checkpoint "
-            f"({type(err).__name__}): pass a .ckpt file written by vae_lightning.train."
-        ) from None
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint["hyper_parameters"]
     wanted = _flat_model_settings(OmegaConf.to_container(cfg.model, resolve=True))
     found = _flat_model_settings({"likelihood": {"kind": "gaussian"}, **saved})  # older: Gaussian
     differ = sorted(

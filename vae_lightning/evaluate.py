@@ -31,6 +31,7 @@ from vae_lightning.evaluation.fid import (
 from vae_lightning.evaluation.metrics import fid_scores, likelihood_metrics, save_grids
 from vae_lightning.launch.plugins import check_plugins
 from vae_lightning.launch.run_files import save_resolved_config
+from vae_lightning.training.checkpoints import load_model
 from vae_lightning.training.lit_module import VAELitModule
 from vae_lightning.training.loggers import start_eval_run
 
@@ -113,15 +114,15 @@ def _fid(cfg: DictConfig, vae, images: torch.Tensor, ckpt_path: Path) -> dict[st
     return {**scores, "fid_network": extractor.name, "fid_seconds": time.perf_counter() - started}
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Every measurement of ``vae_lightning.evaluation`` for the checkpoint ``cfg.ckpt_path``,
-    with ``cfg`` a training run's config (see ``run_config``)."""
+def evaluate(cfg: DictConfig, model: VAELitModule) -> dict[str, Any]:
+    """Every measurement of ``vae_lightning.evaluation`` for ``model``, read from the checkpoint
+    ``cfg.ckpt_path``, with ``cfg`` a training run's config (see ``run_config``)."""
     L.seed_everything(cfg.seed)
     device = _device(cfg.trainer.accelerator)
     output_dir = Path(cfg.paths.output_dir)
     save_resolved_config(cfg, output_dir)
     ckpt_path = Path(cfg.ckpt_path).resolve()
-    vae = VAELitModule.load_from_checkpoint(ckpt_path, map_location=device).vae.eval()
+    vae = model.vae.to(device).eval()
     datamodule = build(cfg, "data")
     datamodule.prepare_data()
     datamodule.setup("test")
@@ -174,9 +175,10 @@ def main(cfg: DictConfig) -> None:
     quiet_third_party_warnings()
     with one_line_errors():
         validate_eval_config(cfg)  # ckpt_path first: the run's config is found through it
+        model = load_model(cfg.ckpt_path)
         cfg = run_config(cfg, list(HydraConfig.get().overrides.task))
         validate_eval_config(cfg)
-        evaluate(cfg)
+        evaluate(cfg, model)
 
 
 if __name__ == "__main__":

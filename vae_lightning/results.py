@@ -23,6 +23,7 @@ import yaml
 from vae_lightning.cli import one_line_errors
 from vae_lightning.core.likelihoods import build_likelihood
 from vae_lightning.launch.run_files import RunFilesNotFoundError, threads
+from vae_lightning.training.checkpoints import read_checkpoint
 from vae_lightning.training.lit_module import val_bpd_scores
 
 COLUMNS = {
@@ -63,7 +64,7 @@ def run_folders(paths: list[Path]) -> list[Path]:
 
 def saved_val_bpd(checkpoint: Path) -> float | None:
     """The val/bpd at which a ``ModelCheckpoint`` monitoring it saved ``checkpoint``, if any."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    saved = read_checkpoint(checkpoint, "checkpoint", mmap=True)
     return min(val_bpd_scores(saved, "current_score"), default=None)
 
 

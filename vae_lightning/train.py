@@ -62,13 +62,15 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     try:
         with isolated_ddp_job():
-            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
             metrics |= fit_figures(model)
             metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
             if cfg.test:
                 checkpoint = trainer.checkpoint_callback
                 best = checkpoint.best_model_path if checkpoint else ""
-                trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+                trainer.test(
+                    model, datamodule=datamodule, ckpt_path=best or None, weights_only=True
+                )
                 metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
             for logger in trainer.loggers:
                 if isinstance(logger, FallbackWandbLogger):

@@ -1,0 +1,151 @@
+"""Checkpoints from elsewhere: a crafted one runs no code in any command, whatever torch's
+default, and a damaged or foreign one gets one line before any data is read."""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import run_module, run_train, single_run
+from vae_lightning.training.checkpoints import CheckpointError, load_model, read_checkpoint
+
+pytestmark = pytest.mark.cli
+
+TRAIN = ["model.latent_dim=2", "logger=none", "trainer.max_epochs=1", "data.num_workers=0"]
+UNSAFE_TORCH = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+"""torch's own override that makes ``torch.load`` unpickle anything where the caller leaves
+``weights_only`` unset, as torch < 2.6 does by default."""
+
+
+class LeavesMarker:
+    """Unpickling it opens ``path`` for writing: the file's existence shows that code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(cifar_dir, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("trained")
+    run_train([f"data.data_dir={cifar_dir}", *TRAIN], cwd=cwd)
+    return single_run(cwd)
+
+
+def craft(checkpoint_file: Path, marker: Path) -> None:
+    """Rewrite ``checkpoint_file`` with a payload that creates ``marker`` when unpickled."""
+    checkpoint = torch.load(checkpoint_file, weights_only=True)
+    checkpoint["callbacks"]["payload"] = LeavesMarker(marker)
+    torch.save(checkpoint, checkpoint_file)
+
+
+def test_the_crafted_checkpoint_runs_its_payload_when_fully_unpickled(trained_run, tmp_path):
+    crafted, marker = tmp_path / "crafted.ckpt", tmp_path / "marker"
+    shutil.copy(trained_run / "checkpoints" / "last.ckpt", crafted)
+    craft(crafted, marker)
+    torch.load(crafted, weights_only=False)
+    assert marker.exists()  # so the commands below would create it if they unpickled it
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "results"])
+def test_a_crafted_checkpoint_runs_no_code_in_any_command(
+    command, trained_run, cifar_dir, tmp_path
+):
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    shutil.copytree(trained_run, run)
+    for checkpoint_file in (run / "checkpoints").glob("*.ckpt"):
+        craft(checkpoint_file, marker)
+    last = run / "checkpoints" / "last.ckpt"
+    module, args = {
+        "train": (
+            "vae_lightning.train",
+            [f"data.data_dir={cifar_dir}", *TRAIN, f"ckpt_path={last}"],
+        ),
+        "evaluate": ("vae_lightning.evaluate", [f"ckpt_path={last}", f"data.data_dir={cifar_dir}"]),
+        "results": ("vae_lightning.results", [str(run)]),
+    }[command]
+    proc = run_module(module, args, tmp_path, expect_ok=False, extra_env=UNSAFE_TORCH)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "holds Python objects other than tensors and plain settings" in proc.stderr
+    assert not marker.exists()
+
+
+def another_model(checkpoint: dict) -> None:
+    checkpoint["hyper_parameters"]["latent_dim"] = 3  # weights of H = 2
+
+
+def another_project(checkpoint: dict) -> None:
+    checkpoint["hyper_parameters"] = {"hidden": 128, "lr": 0.1}
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncated", "is truncated (an incomplete copy or download?)"),
+        (another_model, "holds weights of another model than its settings describe"),
+        (another_project, "is a checkpoint of another project"),
+    ],
+)
+def test_evaluate_refuses_a_damaged_checkpoint_before_reading_data(
+    damage, message, trained_run, tmp_path
+):
+    damaged = tmp_path / "damaged.ckpt"
+    source = trained_run / "checkpoints" / "last.ckpt"
+    if damage == "truncated":
+        damaged.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    else:
+        checkpoint = torch.load(source, weights_only=True)
+        damage(checkpoint)
+        torch.save(checkpoint, damaged)
+    args = [f"ckpt_path={damaged}", f"data.data_dir={tmp_path / 'no_data_here'}"]
+    proc = run_module("vae_lightning.evaluate", args, tmp_path, expect_ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"Error: ckpt_path={damaged} {message}" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (os.urandom(4096), "is not a torch checkpoint file"),
+        (b"epoch: 3\n", "is not a torch checkpoint file"),
+    ],
+)
+def test_files_that_are_no_checkpoint_are_named_for_what_they_are(content, message, tmp_path):
+    path = tmp_path / "file.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(
+        CheckpointError, match=f"^ckpt_path={re.escape(str(path))} {re.escape(message)}"
+    ):
+        read_checkpoint(path)
+
+
+def test_a_torch_file_without_a_state_dict_is_no_lightning_checkpoint(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.ones(3)}, path)
+    with pytest.raises(CheckpointError, match="is not a Lightning checkpoint"):
+        read_checkpoint(path)
+
+
+def test_a_checkpoint_naming_a_foreign_class_is_not_built(trained_run, tmp_path):
+    marker = tmp_path / "marker"
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    encoder = checkpoint["hyper_parameters"]["arch"]["encoder"]
+    encoder["log"] = {"_target_": "builtins.open", "file": str(marker), "mode": "w"}
+    path = tmp_path / "foreign.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=r"names builtins\.open in its settings"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_a_sound_checkpoint_loads_its_weights(trained_run):
+    path = trained_run / "checkpoints" / "last.ckpt"
+    model = load_model(path)
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
