@@ -15,7 +15,7 @@ from vae_lightning.data.cifar10 import DatasetCorruptError, DatasetNotFoundError
 from vae_lightning.evaluation.fid import FIDUnavailableError
 from vae_lightning.launch.hydra_callbacks import JobFailed
 from vae_lightning.launch.multirun import is_multirun, sweep_group
-from vae_lightning.launch.run_files import RunFilesNotFoundError
+from vae_lightning.launch.run_files import RunFileDamagedError, RunFilesNotFoundError
 from vae_lightning.training.checkpoints import CheckpointError
 from vae_lightning.training.lit_module import NonFiniteLossError
 
@@ -33,6 +33,7 @@ KNOWN_ERRORS = (
     PermissionError,
     NonFiniteLossError,
     RunFilesNotFoundError,
+    RunFileDamagedError,
     FIDUnavailableError,
     CheckpointError,
 )

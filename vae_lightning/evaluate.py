@@ -30,7 +30,7 @@ from vae_lightning.evaluation.fid import (
 )
 from vae_lightning.evaluation.metrics import fid_scores, likelihood_metrics, save_grids
 from vae_lightning.launch.plugins import check_plugins
-from vae_lightning.launch.run_files import save_resolved_config
+from vae_lightning.launch.run_files import read_run_file, save_resolved_config
 from vae_lightning.training.checkpoints import load_model
 from vae_lightning.training.lit_module import VAELitModule
 from vae_lightning.training.loggers import start_eval_run
@@ -54,7 +54,7 @@ def run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     raw = OmegaConf.to_container(cfg, resolve=False)
     run_file = Path(cfg.ckpt_path).resolve().parent.parent / "config.yaml"
     if run_file.is_file():
-        merged = OmegaConf.load(run_file)
+        merged = OmegaConf.create(read_run_file(run_file, required=("data", "seed")))
     else:
         log.warning(
             f"No config.yaml in the checkpoint's run folder ({run_file.parent}): data, seed "

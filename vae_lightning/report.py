@@ -8,7 +8,6 @@ sweep's group (``--no-wandb``: not).
 
 import argparse
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from vae_lightning.cli import one_line_errors
-from vae_lightning.launch.run_files import RunFilesNotFoundError
+from vae_lightning.launch.run_files import RunFilesNotFoundError, read_run_file
 from vae_lightning.training.loggers import choose_wandb_mode
 
 METRICS = (
@@ -40,13 +39,13 @@ def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
         job_dir = overrides_file.parent.parent
         overrides = {}
-        for item in yaml.safe_load(overrides_file.read_text()) or []:
+        for item in read_run_file(overrides_file, list):
             key, _, value = item.partition("=")
             overrides[key] = yaml.safe_load(value)
         metrics_file = job_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        metrics = read_run_file(metrics_file) if metrics_file.is_file() else {}
         config_file = job_dir / "config.yaml"
-        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+        config = read_run_file(config_file) if config_file.is_file() else {}
         wandb = (config.get("logger") or {}).get("wandb")
         jobs.append(
             {"job": job_dir.name, "overrides": overrides, "metrics": metrics, "wandb": wandb}

@@ -10,7 +10,6 @@ hardware it trained on.
 
 import argparse
 import csv
-import json
 import signal
 import subprocess
 import sys
@@ -18,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from vae_lightning.cli import one_line_errors
 from vae_lightning.core.likelihoods import build_likelihood
-from vae_lightning.launch.run_files import RunFilesNotFoundError, threads
+from vae_lightning.launch.run_files import RunFilesNotFoundError, read_run_file, threads
 from vae_lightning.training.checkpoints import read_checkpoint
 from vae_lightning.training.lit_module import val_bpd_scores
 
@@ -102,7 +100,7 @@ def evaluation(run: Path, num_samples: int, overrides: list[str], again: bool) -
         code = subprocess.run(command, stdout=subprocess.DEVNULL).returncode
         if code != 0:
             raise RunFilesNotFoundError(f"the evaluation of {run} failed: {_failure(code)}")
-    return json.loads(results.read_text())
+    return read_run_file(results)
 
 
 def _failure(code: int) -> str:
@@ -118,13 +116,13 @@ def _failure(code: int) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_run_file(path) if path.is_file() else {}
 
 
 def run_name(run: Path) -> str:
     """The run's overrides that change its results (not where the data is, paths or loggers)."""
     overrides_file = run / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    overrides = read_run_file(overrides_file, list) if overrides_file.is_file() else []
     ignored = ("data.data_dir=", "paths.", "logger")
     shown = [o for o in overrides or [] if not o.startswith(ignored)]
     return " ".join(shown) or "(defaults)"
@@ -133,7 +131,8 @@ def run_name(run: Path) -> str:
 def bpd_kind(run: Path) -> str:
     """What the run's bits/dim are: a code length of the 8-bit images (a discrete likelihood)
     or the dequantized bound (a density), which rows of one table must not be compared as."""
-    kind = yaml.safe_load((run / "config.yaml").read_text())["model"]["likelihood"]["kind"]
+    config = read_run_file(run / "config.yaml", required=["model.likelihood.kind"])
+    kind = config["model"]["likelihood"]["kind"]
     return "code length" if build_likelihood(kind).discrete else "dequantized bound"
 
 

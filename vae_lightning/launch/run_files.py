@@ -3,15 +3,49 @@ it ran on, and the checkpoint a requeued or re-run job resumes from."""
 
 import json
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 
 class RunFilesNotFoundError(FileNotFoundError):
     """A folder holds none of the run files a command reads; the message names it."""
+
+
+class RunFileDamagedError(ValueError):
+    """A run file cannot be read as what it should hold; the message names it and why."""
+
+
+def _has_key(tree: Any, dotted_key: str) -> bool:
+    for part in dotted_key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def read_run_file(path: Path, expected: type = dict, required: Sequence[str] = ()) -> Any:
+    """The YAML or JSON file ``path``, which must hold a ``expected`` (a dict or a list) and,
+    for a dict, each dotted key of ``required``; else ``RunFileDamagedError`` naming the file."""
+    damaged = f"{path} is damaged"
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:  # JSON and Unicode errors are ValueErrors
+        reason = str(err).splitlines()[0]
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise RunFileDamagedError(f"{damaged}: it is not {kind} ({reason})") from None
+    if not isinstance(data, expected):
+        shape = "a mapping" if expected is dict else "a list"
+        raise RunFileDamagedError(f"{damaged}: it holds {type(data).__name__}, not {shape}")
+    missing = [key for key in required if not _has_key(data, key)]
+    if missing:
+        raise RunFileDamagedError(f"{damaged}: it lacks {', '.join(missing)}")
+    return data
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:

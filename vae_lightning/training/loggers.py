@@ -18,7 +18,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import OmegaConf
+
+from vae_lightning.launch.run_files import read_run_file
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,8 @@ def start_eval_run(train_dir: Path, save_dir: Path, mode: str, config: dict[str,
     import wandb
 
     config_file = train_dir / "config.yaml"
-    train_config = OmegaConf.load(config_file) if config_file.is_file() else OmegaConf.create()
-    settings = OmegaConf.select(train_config, "logger.wandb") or {}
+    train_config = read_run_file(config_file) if config_file.is_file() else {}
+    settings = (train_config.get("logger") or {}).get("wandb") or {}
     project = settings.get("project", "vae_lightning")
     name = settings.get("name") or "defaults"
     online_runs = sorted((train_dir / "wandb").glob("run-*"))

@@ -1,5 +1,6 @@
-"""Checkpoints from elsewhere: a crafted one runs no code in any command, whatever torch's
-default, and a damaged or foreign one gets one line before any data is read."""
+"""Files from elsewhere: a crafted checkpoint runs no code in any command, whatever torch's
+default; a damaged or foreign checkpoint, and a damaged run config, get one line before any
+data is read."""
 
 import os
 import re
@@ -149,3 +150,28 @@ def test_a_sound_checkpoint_loads_its_weights(trained_run):
     model = load_model(path)
     saved = torch.load(path, weights_only=True)["state_dict"]
     assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "command, content, message",
+    [
+        ("evaluate", "model: {}\n", "it lacks data, seed"),
+        ("results", "- model\n", "it holds list, not a mapping"),
+        ("report", "model: [unclosed\n", "it is not YAML (while parsing"),
+    ],
+)
+def test_a_damaged_run_config_is_named_in_one_line(
+    command, content, message, trained_run, tmp_path
+):
+    sweep = tmp_path / "sweep"
+    run = sweep / "0"
+    shutil.copytree(trained_run, run)
+    (run / "config.yaml").write_text(content)
+    args = {
+        "evaluate": [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
+        "results": [str(run)],
+        "report": [str(sweep), "--no-wandb"],
+    }[command]
+    proc = run_module(f"vae_lightning.{command}", args, tmp_path, expect_ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"Error: {run / 'config.yaml'} is damaged: {message}" in proc.stderr
