@@ -86,24 +86,32 @@ def test_evaluate_writes_every_estimate_and_fid_with_a_custom_extractor(
         assert summary[f"eval/{key}"] == pytest.approx(results[key]), key
 
 
-def test_evaluate_without_fid_weights_skips_fid_with_one_line(
-    cifar_dir, trained_2d, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    "setting, make, message",
+    [
+        ("inception_weights", None, ": there is no such file"),
+        (
+            "feature_extractor",
+            lambda p: p.write_bytes(b"\x00" * 64),
+            " does not load as the network",
+        ),
+        (
+            "feature_extractor",
+            lambda p: torch.jit.script(nn.Linear(10, 6)).save(str(p)),
+            " does not map 2 images (2, 3, 32, 32) to features (2, d)",
+        ),
+    ],
+)
+def test_evaluate_refuses_an_unfit_fid_network_file_before_reading_data(
+    setting, make, message, trained_2d, tmp_path
 ):
-    weights = tmp_path / "missing-inception.pth"
-    proc = run_module(
-        "vae_lightning.evaluate",
-        [
-            f"ckpt_path={trained_2d}",
-            f"data.data_dir={cifar_dir}",
-            *EVAL,
-            f"eval.fid.inception_weights={weights}",
-            "logger=none",
-        ],
-        cwd=tmp_path,
-    )
-    assert (proc.stdout + proc.stderr).count("FID skipped:") == 1
-    results = json.loads((eval_output(tmp_path) / "eval.json").read_text())
-    assert "fid_samples" not in results and "iwae_bpd" in results
+    path = tmp_path / "network.pt"
+    if make:
+        make(path)
+    args = [f"ckpt_path={trained_2d}", f"eval.fid.{setting}={path}", "data.data_dir=/no/data"]
+    proc = run_module("vae_lightning.evaluate", args, cwd=tmp_path, expect_ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"Error: eval.fid.{setting}={path}{message}" in proc.stderr
 
 
 def test_evaluate_starts_from_the_training_runs_config(cifar_dir, tmp_path):

@@ -1,5 +1,6 @@
 """FID: the Fréchet distance, the streaming statistics, the TF resize, caching and resuming."""
 
+import importlib.util
 import json
 import math
 
@@ -9,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.helpers import run_module
+from tests.helpers import LeavesMarker, run_module
 from vae_lightning.evaluation import progress
 from vae_lightning.evaluation.fid import (
     FeatureStats,
+    FIDNetworkError,
     FIDUnavailableError,
     TFInception,
     build_extractor,
@@ -23,6 +25,7 @@ from vae_lightning.evaluation.fid import (
     tf_bilinear_resize,
     tf_inception_file,
 )
+from vae_lightning.fid import OPTIONS
 
 
 def stats_of(features: torch.Tensor) -> FeatureStats:
@@ -145,12 +148,29 @@ def test_statistics_are_cached_under_their_key(tmp_path):
     assert not list(tmp_path.glob("*.partial.pt"))
 
 
-def test_a_missing_network_says_what_to_install_or_set(tmp_path):
-    with pytest.raises(FIDUnavailableError, match=r"default_1\.pt"):
+def test_a_given_weights_file_that_is_missing_or_another_is_named(tmp_path):
+    with pytest.raises(FIDNetworkError, match=r"inception_weights=.*nothing\.pt: there is no"):
         build_extractor("tf_inception", inception_weights=str(tmp_path / "nothing.pt"))
     (tmp_path / "other.pt").write_bytes(b"not the network")
-    with pytest.raises(FIDUnavailableError, match="another SHA-1"):
+    with pytest.raises(FIDNetworkError, match="another SHA-1"):
         build_extractor("tf_inception", inception_weights=str(tmp_path / "other.pt"))
+
+
+def test_without_the_fid_extra_the_default_network_is_unavailable(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FIDUnavailableError, match=r"TF-Inception weights are not installed"):
+        build_extractor("tf_inception")
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", "checkpoint"])
+def test_a_feature_extractor_file_that_does_not_load_is_named(content, tmp_path):
+    path = tmp_path / "extractor.pt"
+    if content == "checkpoint":
+        torch.save({"state_dict": {"weight": torch.ones(2)}}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(FIDNetworkError, match=r"^--feature-extractor=.* does not load as the"):
+        build_extractor("tf_inception", str(path), settings=OPTIONS)
 
 
 def test_the_tf_inception_network_gives_pool3_features():
@@ -195,3 +215,13 @@ def test_pass_progress_reports_each_crossed_interval_and_the_end(monkeypatch, ca
         "Likelihood estimates (K = 5): 2000/2500 images, 1000.0 images/s, ~0 min left",
         "Likelihood estimates (K = 5): 2500/2500 images, 833.3 images/s, ~0 min left",
     ]
+
+
+def test_a_crafted_inception_weights_file_runs_no_code(tmp_path, monkeypatch):
+    """torch-fidelity unpickles its weights file whole; it is read as weights only first."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    weights, marker = tmp_path / "inception.pth", tmp_path / "marker"
+    torch.save({"fc.weight": torch.ones(2), "payload": LeavesMarker(marker)}, weights)
+    with pytest.raises(FIDNetworkError, match=r"inception_weights=.* does not load as the"):
+        build_extractor("torch_fidelity", inception_weights=str(weights))
+    assert not marker.exists()

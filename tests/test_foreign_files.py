@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import run_module, run_train, single_run
+from tests.helpers import LeavesMarker, run_module, run_train, single_run
 from vae_lightning.training.checkpoints import CheckpointError, load_model, read_checkpoint
 
 pytestmark = pytest.mark.cli
@@ -19,16 +19,6 @@ TRAIN = ["model.latent_dim=2", "logger=none", "trainer.max_epochs=1", "data.num_
 UNSAFE_TORCH = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
 """torch's own override that makes ``torch.load`` unpickle anything where the caller leaves
 ``weights_only`` unset, as torch < 2.6 does by default."""
-
-
-class LeavesMarker:
-    """Unpickling it opens ``path`` for writing: the file's existence shows that code ran."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 @pytest.fixture(scope="module")

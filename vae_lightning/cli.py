@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from vae_lightning.config import ConfigError
 from vae_lightning.data.cifar10 import DatasetCorruptError, DatasetNotFoundError
-from vae_lightning.evaluation.fid import FIDUnavailableError
+from vae_lightning.evaluation.fid import FIDNetworkError, FIDUnavailableError
 from vae_lightning.launch.hydra_callbacks import JobFailed
 from vae_lightning.launch.multirun import is_multirun, sweep_group
 from vae_lightning.launch.run_files import RunFileDamagedError, RunFilesNotFoundError
@@ -35,6 +35,7 @@ KNOWN_ERRORS = (
     RunFilesNotFoundError,
     RunFileDamagedError,
     FIDUnavailableError,
+    FIDNetworkError,
     CheckpointError,
 )
 """Errors whose message says what went wrong and what to do: shown without a traceback."""

@@ -19,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from vae_lightning.cli import CONFIG_DIR, one_line_errors, quiet_third_party_warnings
 from vae_lightning.config import build, validate_eval_config
@@ -91,15 +92,25 @@ def print_table(results: dict[str, Any]) -> None:
     Console().print(table)
 
 
-def _fid(cfg: DictConfig, vae, images: torch.Tensor, ckpt_path: Path) -> dict[str, Any]:
-    """FID of prior samples and reconstructions against the first ``eval.fid.num_samples`` test
-    images (of those evaluated); skipped with one line when the network cannot be had."""
+def fid_extractor(cfg: DictConfig) -> nn.Module | None:
+    """The FID network of ``eval.fid``, checked before any pass; None (with one line) when FID
+    is off, or its default network cannot be had."""
     fid = cfg.eval.fid
+    if not fid.enabled:
+        return None
     try:
-        extractor = build_extractor(fid.network, fid.feature_extractor, fid.inception_weights)
+        return build_extractor(fid.network, fid.feature_extractor, fid.inception_weights)
     except FIDUnavailableError as err:
         log.warning(f"FID skipped: {err}.")
-        return {}
+        return None
+
+
+def _fid(
+    cfg: DictConfig, extractor: nn.Module, vae, images: torch.Tensor, ckpt_path: Path
+) -> dict[str, Any]:
+    """FID of prior samples and reconstructions against the first ``eval.fid.num_samples`` test
+    images (of those evaluated)."""
+    fid = cfg.eval.fid
     started = time.perf_counter()
     scores = fid_scores(
         extractor,
@@ -123,6 +134,7 @@ def evaluate(cfg: DictConfig, model: VAELitModule) -> dict[str, Any]:
     save_resolved_config(cfg, output_dir)
     ckpt_path = Path(cfg.ckpt_path).resolve()
     vae = model.vae.to(device).eval()
+    extractor = fid_extractor(cfg)
     datamodule = build(cfg, "data")
     datamodule.prepare_data()
     datamodule.setup("test")
@@ -144,8 +156,8 @@ def evaluate(cfg: DictConfig, model: VAELitModule) -> dict[str, Any]:
         prior_sampling=settings.prior_sampling,
     )
     results["likelihood_seconds"] = time.perf_counter() - started
-    if settings.fid.enabled:
-        results |= _fid(cfg, vae, images, ckpt_path)
+    if extractor is not None:
+        results |= _fid(cfg, extractor, vae, images, ckpt_path)
     grids = save_grids(
         vae, images, output_dir / "images", torch.tensor(results["mu_variance_per_dim"])
     )

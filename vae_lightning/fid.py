@@ -23,6 +23,9 @@ from vae_lightning.evaluation.fid import (
     real_statistics,
 )
 
+OPTIONS = {"feature_extractor": "--feature-extractor", "inception_weights": "--inception-weights"}
+"""How this command names the files of the feature network."""
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vae_lightning.fid", description=__doc__)
@@ -48,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         ensure_cifar10(args.data_dir, download=True)
         device = torch.device(args.device)
-        extractor = build_extractor(args.network, args.feature_extractor, args.inception_weights)
+        extractor = build_extractor(
+            args.network, args.feature_extractor, args.inception_weights, OPTIONS
+        )
         extractor = extractor.to(device)
         started = time.perf_counter()
         stats = {

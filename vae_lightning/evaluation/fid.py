@@ -36,8 +36,20 @@ INCEPTION_SIZE = 299
 DEFAULT_CACHE = Path.home() / ".cache" / "vae_lightning" / "fid"
 
 
+EVAL_SETTINGS = {
+    "feature_extractor": "eval.fid.feature_extractor",
+    "inception_weights": "eval.fid.inception_weights",
+}
+"""How ``vae_lightning.evaluate`` names the files of the feature network."""
+
+
 class FIDUnavailableError(RuntimeError):
-    """The feature network cannot be had (not installed, or its weights are not on disk)."""
+    """The default feature network cannot be had (not installed, or no weights on disk)."""
+
+
+class FIDNetworkError(ValueError):
+    """A file given for the feature network does not load or does not give features; the
+    message names the setting."""
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
@@ -120,6 +132,9 @@ class TorchFidelityInception(nn.Module):
         super().__init__()
         from torchmetrics.image.fid import NoTrainInceptionV3
 
+        if weights is not None:  # torch-fidelity unpickles it whole: refuse anything but weights
+            torch.load(weights, map_location="cpu", weights_only=True)
+
         self.net = NoTrainInceptionV3(
             name="inception-v3-compat",
             features_list=["2048"],
@@ -144,26 +159,55 @@ class ScriptedExtractor(nn.Module):
 
 
 def build_extractor(
-    network: str, feature_extractor: str | None = None, inception_weights: str | None = None
+    network: str,
+    feature_extractor: str | None = None,
+    inception_weights: str | None = None,
+    settings: dict[str, str] = EVAL_SETTINGS,
 ) -> nn.Module:
     """The feature network of ``eval.fid``: ``feature_extractor`` (a TorchScript file) when set,
     else ``network``, with its weights from ``inception_weights`` when given (torch-fidelity's
-    weights file, or TF-Inception's ``default_1.pt``). Raises ``FIDUnavailableError`` when the
-    weights cannot be had."""
-    if feature_extractor:
-        return ScriptedExtractor(feature_extractor)
-    if network == "tf_inception":
-        return TFInception(inception_weights)
-    if network == "torch_fidelity":
-        try:
-            return TorchFidelityInception(inception_weights)
-        except (OSError, RuntimeError, ModuleNotFoundError) as err:
+    weights file, or TF-Inception's ``default_1.pt``), checked on two images. Raises
+    ``FIDUnavailableError`` when the default weights cannot be had, ``FIDNetworkError`` (naming
+    the file's setting, as ``settings`` calls it) when a given file is unfit."""
+    if network not in NETWORKS:
+        raise ValueError(f"eval.fid.network must be one of {NETWORKS}, got {network!r}")
+    given = "feature_extractor" if feature_extractor else "inception_weights"
+    path = feature_extractor or inception_weights
+    where = f"{settings[given]}={path}" if path else f"the {network} network"
+    if path and not Path(path).is_file():
+        raise FIDNetworkError(f"{where}: there is no such file")
+    try:
+        if feature_extractor:
+            extractor = ScriptedExtractor(feature_extractor)
+        elif network == "tf_inception":
+            extractor = TFInception(inception_weights)
+        else:
+            extractor = TorchFidelityInception(inception_weights)
+    except FIDUnavailableError as err:
+        if path:
+            raise FIDNetworkError(f"{where}: {err}") from None
+        raise
+    except Exception as err:
+        if not path:  # the default weights: not installed, or no download possible
             raise FIDUnavailableError(
                 "torch-fidelity's Inception weights could not be loaded "
                 f"({str(err).splitlines()[0]}): set eval.fid.inception_weights=<weights file>, "
                 "or run once with a network"
             ) from None
-    raise ValueError(f"eval.fid.network must be one of {NETWORKS}, got {network!r}")
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FIDNetworkError(f"{where} does not load as the network ({reason})") from None
+    try:
+        with torch.no_grad():
+            features = extractor(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+        if not (isinstance(features, Tensor) and features.ndim == 2 and len(features) == 2):
+            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features)
+            raise ValueError(f"it gave {shape}")
+    except Exception as err:
+        raise FIDNetworkError(
+            f"{where} does not map 2 images (2, 3, 32, 32) to features (2, d): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
+    return extractor
 
 
 @dataclass
