@@ -1,6 +1,7 @@
 """What every command shares: the config folder, the config resolvers, and one way to report
 the errors a user can make (one line, no traceback, in a single run and in a sweep job)."""
 
+import errno
 import logging
 import warnings
 from collections.abc import Iterator
@@ -15,7 +16,12 @@ from vae_lightning.data.cifar10 import DatasetCorruptError, DatasetNotFoundError
 from vae_lightning.evaluation.fid import FIDNetworkError, FIDUnavailableError
 from vae_lightning.launch.hydra_callbacks import JobFailed
 from vae_lightning.launch.multirun import is_multirun, sweep_group
-from vae_lightning.launch.run_files import RunFileDamagedError, RunFilesNotFoundError
+from vae_lightning.launch.run_files import (
+    DiskFullError,
+    RunFileDamagedError,
+    RunFilesNotFoundError,
+    disk_full_message,
+)
 from vae_lightning.training.checkpoints import CheckpointError
 from vae_lightning.training.lit_module import NonFiniteLossError
 
@@ -34,6 +40,7 @@ KNOWN_ERRORS = (
     NonFiniteLossError,
     RunFilesNotFoundError,
     RunFileDamagedError,
+    DiskFullError,
     FIDUnavailableError,
     FIDNetworkError,
     CheckpointError,
@@ -52,12 +59,17 @@ def one_line_errors() -> Iterator[None]:
     job fails with it and the sweep goes on (see ``RecordFailedJobs``)."""
     try:
         yield
+        return
     except KNOWN_ERRORS as err:
         invalid = isinstance(err, ConfigError | MisconfigurationException)
         message = f"{'Invalid configuration' if invalid else 'Error'}: {err}"
-        if is_multirun():
-            raise JobFailed(message) from None
-        raise SystemExit(message) from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        message = f"Error: {disk_full_message(Path(err.filename) if err.filename else None)}"
+    if is_multirun():
+        raise JobFailed(message) from None
+    raise SystemExit(message) from None
 
 
 _NOISE = (

@@ -31,7 +31,11 @@ from vae_lightning.evaluation.fid import (
 )
 from vae_lightning.evaluation.metrics import fid_scores, likelihood_metrics, save_grids
 from vae_lightning.launch.plugins import check_plugins
-from vae_lightning.launch.run_files import read_run_file, save_resolved_config
+from vae_lightning.launch.run_files import (
+    read_run_file,
+    save_resolved_config,
+    write_text_atomically,
+)
 from vae_lightning.training.checkpoints import load_model
 from vae_lightning.training.lit_module import VAELitModule
 from vae_lightning.training.loggers import start_eval_run
@@ -162,7 +166,7 @@ def evaluate(cfg: DictConfig, model: VAELitModule) -> dict[str, Any]:
         vae, images, output_dir / "images", torch.tensor(results["mu_variance_per_dim"])
     )
 
-    (output_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    write_text_atomically(output_dir / "eval.json", json.dumps(results, indent=2))
     print_table(results)
     wandb_mode = OmegaConf.select(cfg, "logger.wandb.mode", default=None) or "disabled"
     run = start_eval_run(

@@ -7,7 +7,6 @@ sweep's group (``--no-wandb``: not).
 """
 
 import argparse
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,12 @@ import yaml
 from matplotlib.figure import Figure
 
 from vae_lightning.cli import one_line_errors
-from vae_lightning.launch.run_files import RunFilesNotFoundError, read_run_file
+from vae_lightning.launch.run_files import (
+    RunFilesNotFoundError,
+    csv_text,
+    read_run_file,
+    write_text_atomically,
+)
 from vae_lightning.training.loggers import choose_wandb_mode
 
 METRICS = (
@@ -145,11 +149,8 @@ def write_report(sweep_dir: Path, output_dir: Path | None = None) -> Report:
     failures_file = sweep_dir / "failed_jobs.yaml"
     for failure in yaml.safe_load(failures_file.read_text()) if failures_file.is_file() else []:
         note += f"- job {failure['job']}: {failure['error']}\n"
-    report.table.write_text(markdown_table(rows) + (note if missing else ""))
-    with open(report.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_text_atomically(report.table, markdown_table(rows) + (note if missing else ""))
+    write_text_atomically(report.csv, csv_text(rows))
     for metric in PLOTTED:
         if all(row[metric] is None for row in rows):
             continue

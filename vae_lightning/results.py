@@ -9,7 +9,6 @@ hardware it trained on.
 """
 
 import argparse
-import csv
 import signal
 import subprocess
 import sys
@@ -20,7 +19,13 @@ import torch
 
 from vae_lightning.cli import one_line_errors
 from vae_lightning.core.likelihoods import build_likelihood
-from vae_lightning.launch.run_files import RunFilesNotFoundError, read_run_file, threads
+from vae_lightning.launch.run_files import (
+    RunFilesNotFoundError,
+    csv_text,
+    read_run_file,
+    threads,
+    write_text_atomically,
+)
 from vae_lightning.training.checkpoints import read_checkpoint
 from vae_lightning.training.lit_module import val_bpd_scores
 
@@ -168,11 +173,8 @@ def write_table(rows: list[dict[str, Any]], output_dir: Path) -> Path:
     lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row[key]) for key in COLUMNS) + " |" for row in rows]
     markdown = output_dir / "results.md"
-    markdown.write_text("\n".join(lines) + "\n")
-    with open(output_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_text_atomically(markdown, "\n".join(lines) + "\n")
+    write_text_atomically(output_dir / "results.csv", csv_text(rows))
     return markdown
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from vae_lightning.data.cifar10 import BASE_FOLDER, TEST_FILES, TRAIN_FILES, read_cifar10
 from vae_lightning.evaluation.progress import PassProgress
+from vae_lightning.launch.run_files import torch_save_atomically, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -284,10 +285,7 @@ def feature_statistics(
                 stats = FeatureStats.empty(features.shape[1])
             stats.add(features)
             if progress.advance_to(stop) and partial_file is not None:
-                partial_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = partial_file.with_suffix(".tmp")
-                torch.save(stats.state(), tmp)
-                tmp.replace(partial_file)
+                torch_save_atomically(stats.state(), partial_file)
             start = stop
     return stats
 
@@ -303,11 +301,8 @@ def cached_statistics(
         state = torch.load(final, weights_only=True)
         return FeatureStats(state["count"], state["total"], state["outer"])
     stats = compute(partial)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    (cache_dir / f"{name}.json").write_text(json.dumps(key, indent=1, sort_keys=True))
-    tmp = final.with_suffix(".tmp")
-    torch.save(stats.state(), tmp)
-    tmp.replace(final)
+    write_text_atomically(cache_dir / f"{name}.json", json.dumps(key, indent=1, sort_keys=True))
+    torch_save_atomically(stats.state(), final)
     partial.unlink(missing_ok=True)
     return stats
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from vae_lightning.core.elbo import kl_per_dimension, squared_error
 from vae_lightning.core.estimators import grid_log_likelihood, sampled_estimates
@@ -24,6 +24,7 @@ from vae_lightning.evaluation.fid import (
     real_statistics,
 )
 from vae_lightning.evaluation.progress import PassProgress
+from vae_lightning.launch.run_files import save_png_atomically
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,6 @@ def save_grids(
     paths = []
     for name, (grid_images, per_row) in grids.items():
         path = output_dir / f"{name}.png"
-        save_image(make_grid(grid_images.clamp(0, 1).float().cpu(), nrow=per_row), path)
+        save_png_atomically(make_grid(grid_images.clamp(0, 1).float().cpu(), nrow=per_row), path)
         paths.append(path)
     return paths

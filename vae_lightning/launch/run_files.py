@@ -1,8 +1,13 @@
 """The files a run leaves in its folder: the resolved config, the final metrics, the hardware
 it ran on, and the checkpoint a requeued or re-run job resumes from."""
 
+import csv
+import errno
+import io
 import json
+import os
 import platform
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,10 +15,93 @@ from typing import Any
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import save_image
 
 
 class RunFilesNotFoundError(FileNotFoundError):
     """A folder holds none of the run files a command reads; the message names it."""
+
+
+class DiskFullError(RuntimeError):
+    """No space was left for a file; the message names the disk, the space needed and free."""
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def disk_full_message(path: Path | None, needed: int | None = None) -> str:
+    """``No space left on the disk at <mount point> for <file>: it needs .. MB, .. MB are
+    free. ...``; without ``path`` (a write that named no file), a shorter line."""
+    advice = (
+        "Every file under its final name is whole: free space there and run the command "
+        "again (a run resumes from its last.ckpt)"
+    )
+    if path is None:
+        return f"No space left on a disk this command writes to. {advice}"
+    folder = path.parent if path.parent.exists() else Path.cwd()
+    free = shutil.disk_usage(folder).free
+    size = f"it needs {needed / 1e6:.2f} MB, " if needed is not None else ""
+    return (
+        f"No space left on the disk at {_mount_point(folder)} for {path}: {size}"
+        f"{free / 1e6:.2f} MB are free. {advice}"
+    )
+
+
+def write_atomically(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds its old content or all of the new:
+    a temporary file in the same folder (so on the same file system), flushed and fsynced,
+    then renamed over ``path``. A full disk raises ``DiskFullError``, the temporary removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(disk_full_message(path, len(data))) from None
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash
+    finally:
+        os.close(folder)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(path, text.encode())
+
+
+def save_png_atomically(grid: torch.Tensor, path: Path) -> None:
+    """An image grid (``make_grid``'s output, values in [0, 1]) as a PNG, through
+    ``write_atomically``."""
+    buffer = io.BytesIO()
+    save_image(grid, buffer, format="png")
+    write_atomically(path, buffer.getbuffer())
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """``rows`` as CSV, with the first row's keys as the header."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def torch_save_atomically(obj: Any, path: Path) -> None:
+    """``torch.save`` through ``write_atomically``."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomically(path, buffer.getbuffer())
 
 
 class RunFileDamagedError(ValueError):
@@ -74,15 +162,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     path = Path(output_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, path, resolve=True)
+    write_text_atomically(path, OmegaConf.to_yaml(cfg, resolve=True))
     return path
 
 
 def save_final_metrics(metrics: dict[str, float], output_dir: str | Path) -> Path:
     """``metrics.json``: the last train step's, last validation's and the test's metrics."""
     path = Path(output_dir) / "metrics.json"
-    path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2))
+    write_text_atomically(path, json.dumps(dict(sorted(metrics.items())), indent=2))
     return path
 
 
@@ -99,5 +186,5 @@ def save_hardware(trainer: Any, output_dir: str | Path) -> Path:
         "torch": torch.__version__,
     }
     path = Path(output_dir) / "hardware.json"
-    path.write_text(json.dumps(info, indent=2))
+    write_text_atomically(path, json.dumps(info, indent=2))
     return path

@@ -11,7 +11,9 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
+
+from vae_lightning.launch.run_files import save_png_atomically
 
 
 class ImageGrids(L.Callback):
@@ -61,7 +63,7 @@ class ImageGrids(L.Callback):
         for name, images in grids.items():
             grid = make_grid(images.clamp(0, 1).float().cpu(), nrow=min(8, self.num_images))
             path = self.output_dir / f"{name}_epoch={epoch:03d}.png"
-            save_image(grid, path)
+            save_png_atomically(grid, path)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_image(f"images/{name}", [str(path)], step=trainer.global_step)

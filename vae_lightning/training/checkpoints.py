@@ -1,4 +1,5 @@
-"""Checkpoint files from anywhere: read as weights only (unpickling one never runs code), and
+"""Checkpoint files: written whole (a full disk or a kill never leaves a partial file under a
+checkpoint's name), and read from anywhere as weights only (unpickling one never runs code),
 checked before any work, so that a damaged or foreign file costs one line, not an hour."""
 
 import pickle
@@ -8,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from vae_lightning.launch.run_files import torch_save_atomically
 from vae_lightning.training.lit_module import VAELitModule
 
 MODEL_SETTINGS = ("arch", "optimizer", "latent_dim")
@@ -17,6 +20,20 @@ MODEL_SETTINGS = ("arch", "optimizer", "latent_dim")
 TRUSTED_TARGETS = ("vae_lightning.", "torch.nn.", "torch.optim.")
 """The only modules a checkpoint's ``_target_`` settings may name: building the model imports
 and calls them, so a name from elsewhere could run any code."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, except that a checkpoint goes to a temporary file beside
+    its final name, fsynced, then renamed: Lightning's own writer stages it on another file
+    system and copies it over when the run folder is elsewhere (a cluster's scratch disk), which
+    leaves a partial checkpoint when the disk fills. A full disk raises ``DiskFullError``."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        torch_save_atomically(checkpoint, Path(path))
 
 
 class CheckpointError(ValueError):
