@@ -367,6 +367,28 @@ def wandb_fails_at(step: int) -> list[str]:
     return callback_overrides("wandb_fails", WandbFailsAt, step=step)
 
 
+class WandbStartTimesOut(L.Callback):
+    """Test callback, added from the command line: the process's first ``wandb.init`` raises
+    the error wandb raises when a run's start times out, as on a loaded machine."""
+
+    def __init__(self) -> None:
+        import wandb
+        from wandb.errors import CommError
+
+        started = wandb.init
+
+        def times_out(*args, **kwargs):
+            wandb.init = started
+            raise CommError("Run initialization has timed out after 90.0 sec.")
+
+        wandb.init = times_out
+
+
+def wandb_start_times_out() -> list[str]:
+    """The overrides that add ``WandbStartTimesOut`` to a run."""
+    return callback_overrides("wandb_start", WandbStartTimesOut)
+
+
 def descendants(pid: int) -> list[int]:
     """The ids of the processes below ``pid`` (its children, theirs, ...), from /proc."""
     parents: dict[int, list[int]] = {}

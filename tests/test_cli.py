@@ -33,13 +33,15 @@ from tests.helpers import (
     sweep_jobs,
     wait_for_files,
 )
+from vae_lightning.cli import one_line_errors
 from vae_lightning.report import write_report
 
 pytestmark = pytest.mark.cli
 
 
 def test_defaults_train_and_log_to_wandb_offline(cifar_dir, tmp_path):
-    proc = run_train([f"data.data_dir={cifar_dir}"], cwd=tmp_path)
+    # the whole 72-image training set in one batch, as the default 128 would take it
+    proc = run_train([f"data.data_dir={cifar_dir}", "data.batch_size=72"], cwd=tmp_path)
     run = single_run(tmp_path)
     assert_run_folder(run)
     out = proc.stdout + proc.stderr
@@ -241,7 +243,13 @@ def test_resume_from_last_checkpoint_continues_where_it_stopped(cifar_dir, tmp_p
 
 
 def test_debug_preset_with_tensorboard(cifar_dir, tmp_path):
-    run_train(["debug=default", "logger=tensorboard", f"data.data_dir={cifar_dir}"], cwd=tmp_path)
+    args = [
+        "debug=default",
+        "logger=tensorboard",
+        f"data.data_dir={cifar_dir}",
+        "data.batch_size=72",
+    ]
+    run_train(args, cwd=tmp_path)
     run = single_run(tmp_path)
     assert_run_folder(run)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -251,7 +259,8 @@ def test_debug_preset_with_tensorboard(cifar_dir, tmp_path):
 
 def test_fast_dev_run_without_logger(cifar_dir, tmp_path):
     proc = run_train(
-        ["debug=fast_dev_run", "logger=none", f"data.data_dir={cifar_dir}"], cwd=tmp_path
+        ["debug=fast_dev_run", "logger=none", f"data.data_dir={cifar_dir}", "data.batch_size=72"],
+        cwd=tmp_path,
     )
     assert "test/bpd" in proc.stdout
     run = single_run(tmp_path)
@@ -273,6 +282,11 @@ def test_same_seed_same_numbers(cifar_dir, tmp_path):
         ("model.latent_dim=0", "model.latent_dim=0 is not allowed: model.latent_dim must be"),
         ("model.sigma=-1", "model.sigma=-1 is not allowed: model.sigma must be a number > 0"),
         ("data.batch_size=0", "data.batch_size=0 is not allowed"),
+        (
+            "data.batch_size=73",
+            "data.batch_size=73 is larger than the training set (72 images once "
+            "data.val_fraction=0.1 went to validation): use data.batch_size=72 or less.",
+        ),
         ("model/arch=nope", "Available options in 'model/arch':"),
     ],
 )
@@ -282,6 +296,12 @@ def test_bad_settings_fail_before_training_with_one_message(cifar_dir, tmp_path,
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("outputs/runs/*/*/checkpoints"))
+
+
+def test_a_failed_allocation_is_one_line_naming_what_to_lower():
+    message = r"^Error: out of memory \(\d+\.\d\d GiB could not be allocated\)\. Lower data\."
+    with pytest.raises(SystemExit, match=message), one_line_errors():
+        torch.empty(2**62, dtype=torch.uint8)  # more than any machine has
 
 
 def test_missing_dataset_gives_one_clear_error(tmp_path):

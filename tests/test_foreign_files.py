@@ -15,7 +15,7 @@ from vae_lightning.training.checkpoints import CheckpointError, load_model, read
 
 pytestmark = pytest.mark.cli
 
-TRAIN = ["model.latent_dim=2", "logger=none", "trainer.max_epochs=1", "data.num_workers=0"]
+TRAIN = ["model.latent_dim=2", "logger=none", "trainer.max_epochs=1", "data.batch_size=16"]
 UNSAFE_TORCH = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
 """torch's own override that makes ``torch.load`` unpickle anything where the caller leaves
 ``weights_only`` unset, as torch < 2.6 does by default."""

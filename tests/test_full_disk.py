@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import run_module, run_train
+from tests.helpers import DDP, run_module, run_train
 from vae_lightning.evaluation.fid import feature_statistics, image_slices
 from vae_lightning.launch.run_files import DiskFullError
 from vae_lightning.training.checkpoints import read_checkpoint
@@ -22,7 +22,7 @@ SMALL_MODEL = [
     "model.arch.decoder.hidden_dims=[32]",
     "model.latent_dim=2",
     "data.num_workers=0",
-    "data.batch_size=16",
+    "data.batch_size=8",
     "logger=csv",
 ]
 
@@ -58,11 +58,12 @@ def assert_whole(folder: Path) -> None:
 
 
 @pytest.mark.cli
+@pytest.mark.parametrize("processes", [[], DDP], ids=["1 process", "2 processes"])
 def test_a_full_disk_stops_training_in_one_line_and_the_run_resumes(
-    cifar_dir, small_disk, tmp_path
+    processes, cifar_dir, small_disk, tmp_path
 ):
     run = small_disk / "run"
-    args = [f"data.data_dir={cifar_dir}", *SMALL_MODEL, f"hydra.run.dir={run}"]
+    args = [f"data.data_dir={cifar_dir}", *SMALL_MODEL, *processes, f"hydra.run.dir={run}"]
     run_train([*args, "trainer.max_epochs=1"], tmp_path)
     last = run / "checkpoints" / "last.ckpt"
     steps_per_epoch = torch.load(last, weights_only=True)["global_step"]

@@ -12,7 +12,15 @@ import yaml
 from omegaconf import OmegaConf
 from wandb import wandb_agent
 
-from tests.helpers import SHORT, cli_env, composed, offline_wandb_run, resolved, single_run
+from tests.helpers import (
+    SHORT,
+    cli_env,
+    composed,
+    offline_wandb_run,
+    resolved,
+    single_run,
+    wandb_start_times_out,
+)
 from vae_lightning.cli import CONFIG_DIR
 from vae_lightning.config import validate_config
 
@@ -85,6 +93,23 @@ def agent_child(tmp_path: Path, monkeypatch, parameters: dict) -> tuple[list[str
     return StartedProcess.command, env
 
 
+def run_agent_command(
+    command: list[str], env: dict[str, str], args: list[str], cwd: Path
+) -> subprocess.CompletedProcess:
+    """The agent's ``command`` with this interpreter, ``args`` added, in the agent's ``env``."""
+    proc = subprocess.run(
+        [sys.executable, *command[2:], *args],
+        cwd=cwd,
+        env=cli_env(cwd) | env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
 @pytest.mark.cli
 def test_a_run_started_by_a_sweep_agent_logs_into_the_agents_run(cifar_dir, tmp_path, monkeypatch):
     command, env = agent_child(tmp_path, monkeypatch, {"model.latent_dim": 8, "model/arch": "mlp"})
@@ -99,16 +124,7 @@ def test_a_run_started_by_a_sweep_agent_logs_into_the_agents_run(cifar_dir, tmp_
     assert env["WANDB_RUN_ID"] == "run42" and Path(env["WANDB_SWEEP_PARAM_PATH"]).is_file()
     # the user has no W&B account here: the run trains, logs offline, and says why the sweep
     # will not hear of it
-    proc = subprocess.run(
-        [sys.executable, *command[2:], f"data.data_dir={cifar_dir}", *SHORT],
-        cwd=tmp_path,
-        env=cli_env(tmp_path) | env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_agent_command(command, env, [f"data.data_dir={cifar_dir}", *SHORT], tmp_path)
     assert "belongs to sweep sweep1, and a sweep needs W&B online" in proc.stdout + proc.stderr
     run = single_run(tmp_path)
     assert resolved(run)["model"]["latent_dim"] == 8  # a plain key and a group reached Hydra
@@ -122,3 +138,23 @@ def test_a_run_started_by_a_sweep_agent_logs_into_the_agents_run(cifar_dir, tmp_
     assert config["model.latent_dim"] == 8 and config["model/arch"] == "mlp"  # the agent's
     assert config["model.arch.encoder._target_"].endswith("MLPEncoder")  # the composed config
     assert recorded["summary"]["val/bpd_best"] > 0  # the metric the sweep minimizes
+
+
+@pytest.mark.cli
+def test_a_sweep_run_whose_wandb_start_times_out_keeps_the_agents_run_id(
+    cifar_dir, tmp_path, monkeypatch
+):
+    command, env = agent_child(tmp_path, monkeypatch, {"model.latent_dim": 8})
+    args = [f"data.data_dir={cifar_dir}", *SHORT, *wandb_start_times_out()]
+    proc = run_agent_command(command, env, args, tmp_path)
+    output = proc.stdout + proc.stderr
+    assert "W&B: logging failed (CommError('Run initialization has timed out" in output
+    assert "run run42 continues offline" in output
+    run = single_run(tmp_path)
+    (wandb_run,) = tmp_path.glob("**/offline-run-*")  # the fallback's, under the agent's id
+    assert (
+        wandb_run.name.endswith("-run42") and wandb_run.parent == run / "wandb_fallback" / "wandb"
+    )
+    recorded = offline_wandb_run(wandb_run)
+    assert recorded["run"].run_id == "run42" and recorded["run"].sweep_id == "sweep1"
+    assert recorded["summary"]["val/bpd_best"] > 0

@@ -3,11 +3,13 @@ the errors a user can make (one line, no traceback, in a single run and in a swe
 
 import errno
 import logging
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
@@ -53,6 +55,13 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: CUDA's, or the CPU allocator's."""
+    return isinstance(err, torch.cuda.OutOfMemoryError | MemoryError) or (
+        "can't allocate memory" in str(err)
+    )
+
+
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Turn a known error into one line: the process exits with it, or, in a sweep job, the
@@ -67,6 +76,19 @@ def one_line_errors() -> Iterator[None]:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         message = f"Error: {disk_full_message(Path(err.filename) if err.filename else None)}"
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not is_out_of_memory(err):
+            raise
+        wanted = re.search(r"(?i)tried to allocate ([\d.]+) ?(\w+)", str(err))
+        amount = ""
+        if wanted:
+            size, unit = float(wanted.group(1)), wanted.group(2)
+            amount = f"{size / 2**30:.2f} GiB" if unit == "bytes" else f"{size:g} {unit}"
+            amount = f" ({amount} could not be allocated)"
+        message = (
+            f"Error: out of memory{amount}. Lower data.batch_size or "
+            "the model's size (model.arch.*), or eval.max_batch in an evaluation."
+        )
     if is_multirun():
         raise JobFailed(message) from None
     raise SystemExit(message) from None

@@ -14,7 +14,7 @@ from vae_lightning.cli import (
     quiet_third_party_warnings,
     register_resolvers,
 )
-from vae_lightning.config import build, check_resume_checkpoint, validate_config
+from vae_lightning.config import ConfigError, build, check_resume_checkpoint, validate_config
 from vae_lightning.launch.ddp import isolated_ddp_job
 from vae_lightning.launch.gpu_slots import gpu_of_its_own
 from vae_lightning.launch.plugins import check_plugins
@@ -59,6 +59,7 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
     if rank_zero_only.rank == 0:  # a missing or damaged dataset stops here, before DDP starts
         datamodule.prepare_data()
         datamodule.setup("fit" if not cfg.test else None)
+        check_batch_size(cfg, len(datamodule.train_set))
     metrics: dict[str, float] = {}
     try:
         with isolated_ddp_job():
@@ -81,6 +82,17 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
         save_final_metrics(metrics, cfg.paths.output_dir)
         save_hardware(trainer, cfg.paths.output_dir)
     return metrics
+
+
+def check_batch_size(cfg: DictConfig, train_images: int) -> None:
+    """Refuse a batch larger than the training set: it would train on one short batch an epoch
+    (and a large one may not fit in memory)."""
+    if cfg.data.batch_size > train_images:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is larger than the training set "
+            f"({train_images} images once data.val_fraction={cfg.data.val_fraction} went to "
+            f"validation): use data.batch_size={train_images} or less."
+        )
 
 
 def fit_figures(model: VAELitModule) -> dict[str, float]:

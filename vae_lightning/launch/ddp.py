@@ -12,6 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import read_write
 
+FAILED_JOB_GRACE_S = 10.0
+"""How long the other ranks of a job that failed on this rank get to end by themselves."""
+
 _CONFIG_FLAGS = ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir")
 
 
@@ -45,8 +48,14 @@ def isolated_ddp_job() -> Iterator[None]:
         sys.argv = [saved_argv[0], *_config_flags(saved_argv[1:]), *hydra_cfg.overrides.task]
     try:
         yield
-    finally:
+    except BaseException:
+        # the other ranks may wait at a collective for this one (a checkpoint's barrier, when
+        # rank 0 could not write it): there is nothing left for them to finish
+        _end_other_ranks(timeout_s=FAILED_JOB_GRACE_S)
+        raise
+    else:
         _end_other_ranks()
+    finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         os.environ.clear()

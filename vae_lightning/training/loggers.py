@@ -7,7 +7,9 @@ import csv
 import logging
 import netrc
 import os
+import secrets
 import socket
+import string
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -153,7 +155,8 @@ class FallbackWandbLogger(WandbLogger):
         )
         failed_run = self._experiment
         try:
-            failed_run.finish(exit_code=1)
+            if failed_run is not None:  # None: the run never started (its start timed out)
+                failed_run.finish(exit_code=1)
         except Exception as err:
             log.warning(f"W&B: the failed run could not be closed ({err!r})")
         self._wandb_init.update(id=run_id, resume="allow", mode="offline", dir=str(fallback_dir))
@@ -200,7 +203,8 @@ def wandb_logger(
     """A ``WandbLogger`` whose run lives under ``save_dir/wandb``; see ``resolve_wandb_mode``.
 
     Started by a W&B sweep agent (``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID`` set), it logs into
-    the agent's run: the run id, project, name and group are the sweep's.
+    the agent's run: the run id, project, name and group are the sweep's. The run id is fixed
+    before W&B starts, so that a run that falls back to offline keeps it.
     """
     if not is_log_model_choice(log_model):
         raise ValueError(f"logger.wandb.log_model must be false, true or all, got {log_model!r}")
@@ -215,6 +219,8 @@ def wandb_logger(
                 f"trains and logs {mode}, but the sweep will not receive its result."
             )
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:  # fixed now, so that an offline fallback keeps it
+        kwargs["id"] = kwargs.get("id") or os.environ.get("WANDB_RUN_ID") or _new_run_id()
     return FallbackWandbLogger(
         project=project,
         save_dir=save_dir,
@@ -225,6 +231,11 @@ def wandb_logger(
         log_model=log_model,
         **kwargs,
     )
+
+
+def _new_run_id() -> str:
+    """Eight characters of [a-z0-9], as wandb makes them."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def finish_wandb_run() -> None:
