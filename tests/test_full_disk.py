@@ -2,6 +2,7 @@
 or the FID pass resumes once space is freed. The disk is a small tmpfs (mounting one needs
 root; the tests skip without it)."""
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import yaml
 
 from tests.helpers import DDP, run_module, run_train
 from vae_lightning.evaluation.fid import feature_statistics, image_slices
-from vae_lightning.launch.run_files import DiskFullError
+from vae_lightning.launch.run_files import DiskFullError, write_text_atomically
 from vae_lightning.training.checkpoints import read_checkpoint
 
 SMALL_MODEL = [
@@ -135,3 +136,16 @@ def test_a_fid_pass_stopped_by_a_full_disk_resumes_once_space_is_freed(small_dis
     assert resumed.count == whole.count == 100
     torch.testing.assert_close(resumed.total, whole.total)
     torch.testing.assert_close(resumed.outer, whole.outer)
+
+
+def test_a_temporary_left_by_a_killed_writer_goes_with_the_next_write(tmp_path):
+    killed = subprocess.Popen(["sleep", "0"])
+    killed.wait()  # its pid names no process now
+    stale = tmp_path / f".metrics.json.{killed.pid}.tmp"
+    stale.write_text('{"half": ')
+    writing = tmp_path / f".metrics.json.{os.getppid()}.tmp"  # a running writer's: kept
+    writing.write_text("{")
+    write_text_atomically(tmp_path / "metrics.json", "{}")
+    assert not stale.exists() and writing.exists()
+    assert (tmp_path / "metrics.json").read_text() == "{}"
+    assert not list(tmp_path.glob(f".metrics.json.{os.getpid()}.tmp"))

@@ -22,6 +22,7 @@ from vae_lightning.evaluation.fid import (
     frechet_distance,
     real_statistics,
 )
+from vae_lightning.launch.run_files import write_text_atomically
 
 OPTIONS = {"feature_extractor": "--feature-extractor", "inception_weights": "--inception-weights"}
 """How this command names the files of the feature network."""
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = f"train {result['num_train']}, test {result['num_test']}"
     print(f"FID({counts}) = {fid:.4f}  ({extractor.name}, {result['seconds']} s)")
     if args.output:
-        args.output.write_text(json.dumps(result, indent=1))
+        write_text_atomically(args.output, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

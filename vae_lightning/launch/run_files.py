@@ -51,12 +51,32 @@ def disk_full_message(path: Path | None, needed: int | None = None) -> str:
     )
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path`` left by writers that were killed mid-write."""
+    for temporary in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = temporary.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _is_running(int(pid)):
+            temporary.unlink(missing_ok=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_atomically(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds its old content or all of the new:
     a temporary file in the same folder (so on the same file system), flushed and fsynced,
-    then renamed over ``path``. A full disk raises ``DiskFullError``, the temporary removed."""
+    then renamed over ``path``. A full disk raises ``DiskFullError``, the temporary removed;
+    a temporary a killed writer left is removed by the next write of ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as f:
