@@ -63,14 +63,15 @@ def assert_whole(folder: Path) -> None:
 def test_a_full_disk_stops_training_in_one_line_and_the_run_resumes(
     processes, cifar_dir, small_disk, tmp_path
 ):
+    """The run that meets the full disk has ``processes``; the ones before and after it, one."""
     run = small_disk / "run"
-    args = [f"data.data_dir={cifar_dir}", *SMALL_MODEL, *processes, f"hydra.run.dir={run}"]
+    args = [f"data.data_dir={cifar_dir}", *SMALL_MODEL, f"hydra.run.dir={run}"]
     run_train([*args, "trainer.max_epochs=1"], tmp_path)
     last = run / "checkpoints" / "last.ckpt"
     steps_per_epoch = torch.load(last, weights_only=True)["global_step"]
     filler = fill(small_disk, leave=last.stat().st_size // 2)
 
-    proc = run_train([*args, "trainer.max_epochs=2"], tmp_path, expect_ok=False)
+    proc = run_train([*args, *processes, "trainer.max_epochs=2"], tmp_path, expect_ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"Error: No space left on the disk at {small_disk} for {run}/checkpoints/" in (
         proc.stderr

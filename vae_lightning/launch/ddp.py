@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import read_write
 
-FAILED_JOB_GRACE_S = 10.0
+FAILED_JOB_GRACE_S = 5.0
 """How long the other ranks of a job that failed on this rank get to end by themselves."""
 
 _CONFIG_FLAGS = ("-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir")
