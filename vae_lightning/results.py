@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--num-samples={args.num_samples}: it must be at least 1")
     with one_line_errors():
         runs = run_folders(args.folders)
+        for run in runs:  # a damaged run folder is named before any evaluation starts
+            bpd_kind(run)
+            best_checkpoint(run)
         rows = [
             table_row(run, evaluation(run, args.num_samples, args.set, args.again)) for run in runs
         ]
