@@ -59,53 +59,43 @@ def assert_whole(folder: Path) -> None:
 
 
 @pytest.mark.cli
-@pytest.mark.parametrize("processes", [[], DDP], ids=["1 process", "2 processes"])
-def test_a_full_disk_stops_training_in_one_line_and_the_run_resumes(
-    processes, cifar_dir, small_disk, tmp_path
+def test_a_full_disk_stops_training_and_evaluation_in_one_line_and_the_run_resumes(
+    cifar_dir, small_disk, tmp_path
 ):
-    """The run that meets the full disk has ``processes``; the ones before and after it, one."""
+    """Training meets the full disk with 1 and with 2 processes, then an evaluation does; once
+    space is freed, the run resumes from its last checkpoint."""
     run = small_disk / "run"
     args = [f"data.data_dir={cifar_dir}", *SMALL_MODEL, f"hydra.run.dir={run}"]
     run_train([*args, "trainer.max_epochs=1"], tmp_path)
     last = run / "checkpoints" / "last.ckpt"
     steps_per_epoch = torch.load(last, weights_only=True)["global_step"]
-    filler = fill(small_disk, leave=last.stat().st_size // 2)
 
-    proc = run_train([*args, *processes, "trainer.max_epochs=2"], tmp_path, expect_ok=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"Error: No space left on the disk at {small_disk} for {run}/checkpoints/" in (
-        proc.stderr
+    filler = fill(small_disk, leave=last.stat().st_size // 2)
+    for processes in ([], DDP):
+        proc = run_train([*args, *processes, "trainer.max_epochs=2"], tmp_path, expect_ok=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"Error: No space left on the disk at {small_disk} for {run}/" in proc.stderr
+        assert "MB, " in proc.stderr and "MB are free" in proc.stderr
+        assert_whole(run)
+        assert torch.load(last, weights_only=True)["global_step"] == steps_per_epoch
+
+    filler.unlink()
+    filler = fill(small_disk, leave=64 * 1024)  # room for the config, not for the image grids
+    output = small_disk / "eval"
+    evaluate = [f"ckpt_path={last}", "eval.limit=8", "eval.num_samples=2", "eval.fid.enabled=false"]
+    proc = run_module(
+        "vae_lightning.evaluate", [*evaluate, f"hydra.run.dir={output}"], tmp_path, expect_ok=False
     )
-    assert "MB, " in proc.stderr and "MB are free" in proc.stderr
-    assert_whole(run)
-    assert torch.load(last, weights_only=True)["global_step"] == steps_per_epoch
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"Error: No space left on the disk at {small_disk} for {output}/" in proc.stderr
+    assert not (output / "eval.json").exists()
+    assert_whole(output)
 
     filler.unlink()
     resumed = run_train([*args, "trainer.max_epochs=2"], tmp_path)
     assert f"Resuming from {last}" in resumed.stdout + resumed.stderr
     assert torch.load(last, weights_only=True)["global_step"] == 2 * steps_per_epoch
     assert_whole(run)
-
-
-@pytest.mark.cli
-def test_a_full_disk_during_an_evaluation_is_one_line(cifar_dir, small_disk, tmp_path):
-    run_train([f"data.data_dir={cifar_dir}", *SMALL_MODEL, "trainer.max_epochs=1"], tmp_path)
-    (checkpoint,) = tmp_path.glob("outputs/runs/*/*/checkpoints/last.ckpt")
-    fill(small_disk, leave=64 * 1024)  # room for the config, not for the image grids
-    output = small_disk / "eval"
-    args = [
-        f"ckpt_path={checkpoint}",
-        "eval.limit=8",
-        "eval.num_samples=2",
-        "eval.fid.enabled=false",
-    ]
-    proc = run_module(
-        "vae_lightning.evaluate", [*args, f"hydra.run.dir={output}"], tmp_path, expect_ok=False
-    )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"Error: No space left on the disk at {small_disk}" in proc.stderr
-    assert not (output / "eval.json").exists()
-    assert_whole(output)
 
 
 class Features(torch.nn.Module):
