@@ -1,8 +1,11 @@
 """``python -m vae_lightning.train`` as a user runs it, on a tiny CIFAR-10 written by the tests."""
 
 import csv
+import importlib
+import inspect
 import json
 import os
+import pkgutil
 import pty
 import shutil
 import signal
@@ -15,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+import vae_lightning
 from tests.helpers import (
     DDP,
     REAL_DATA,
@@ -33,7 +37,9 @@ from tests.helpers import (
     sweep_jobs,
     wait_for_files,
 )
-from vae_lightning.cli import one_line_errors
+from vae_lightning.cli import one_line, one_line_errors
+from vae_lightning.errors import UserError
+from vae_lightning.launch.hydra_callbacks import JobFailed
 from vae_lightning.report import write_report
 from vae_lightning.training.checkpoints import read_checkpoint
 
@@ -297,6 +303,22 @@ def test_bad_settings_fail_before_training_with_one_message(cifar_dir, tmp_path,
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("outputs/runs/*/*/checkpoints"))
+
+
+def test_every_error_the_package_defines_is_a_user_error_shown_in_one_line():
+    defined = []
+    for found in pkgutil.walk_packages(vae_lightning.__path__, "vae_lightning."):
+        module = importlib.import_module(found.name)
+        defined += [
+            cls
+            for _, cls in inspect.getmembers(module, inspect.isclass)
+            if issubclass(cls, Exception) and cls.__module__ == module.__name__
+        ]
+    errors = [cls for cls in defined if cls is not JobFailed]  # it carries a line to Hydra
+    assert len(errors) >= 10 and all(issubclass(cls, UserError) for cls in errors), errors
+    for cls in errors:
+        line = one_line(cls("what is wrong and what to do"))
+        assert line == f"{cls.label}: what is wrong and what to do", cls
 
 
 def test_a_failed_allocation_is_one_line_naming_what_to_lower():

@@ -4,7 +4,8 @@ import pytest
 from hydra.errors import MissingConfigException
 
 from tests.helpers import composed
-from vae_lightning.config import ConfigError, validate_config, validate_eval_config
+from vae_lightning.config import validate_config, validate_eval_config
+from vae_lightning.errors import ConfigError
 from vae_lightning.train import train
 
 

@@ -33,8 +33,9 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from vae_lightning.cli import CONFIG_DIR, one_line_errors, quiet_third_party_warnings
-from vae_lightning.config import ConfigError, build
+from vae_lightning.config import build
 from vae_lightning.data.cifar10 import CIFAR10DataModule
+from vae_lightning.errors import ConfigError
 from vae_lightning.launch.run_files import threads
 from vae_lightning.training.lit_module import VAELitModule
 

@@ -9,45 +9,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
-from vae_lightning.config import ConfigError
-from vae_lightning.data.cifar10 import DatasetCorruptError, DatasetNotFoundError
-from vae_lightning.evaluation.fid import FIDNetworkError, FIDUnavailableError
+from vae_lightning.errors import UserError
 from vae_lightning.launch.hydra_callbacks import JobFailed
 from vae_lightning.launch.multirun import is_multirun, sweep_group
-from vae_lightning.launch.run_files import (
-    DiskFullError,
-    RunFileDamagedError,
-    RunFilesNotFoundError,
-    disk_full_message,
-)
-from vae_lightning.training.checkpoints import CheckpointError
-from vae_lightning.training.lit_module import NonFiniteLossError
+from vae_lightning.launch.run_files import disk_full_message
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = str(
     next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if p.is_dir())
 )
 """Inside the package when installed from a wheel, beside it in a checkout."""
-
-KNOWN_ERRORS = (
-    ConfigError,
-    MisconfigurationException,
-    DatasetNotFoundError,
-    DatasetCorruptError,
-    PermissionError,
-    NonFiniteLossError,
-    RunFilesNotFoundError,
-    RunFileDamagedError,
-    DiskFullError,
-    FIDUnavailableError,
-    FIDNetworkError,
-    CheckpointError,
-)
-"""Errors whose message says what went wrong and what to do: shown without a traceback."""
 
 
 def register_resolvers() -> None:
@@ -56,42 +29,58 @@ def register_resolvers() -> None:
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """A failed allocation: CUDA's, or the CPU allocator's."""
-    return isinstance(err, torch.cuda.OutOfMemoryError | MemoryError) or (
-        "can't allocate memory" in str(err)
+    """A failed allocation: CUDA's (``torch.OutOfMemoryError``), or the CPU allocator's."""
+    return (
+        isinstance(err, MemoryError)
+        or type(err).__name__ == "OutOfMemoryError"
+        or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
     )
+
+
+def _out_of_memory_line(err: BaseException) -> str:
+    wanted = re.search(r"(?i)tried to allocate ([\d.]+) ?(\w+)", str(err))
+    amount = ""
+    if wanted:
+        size, unit = float(wanted.group(1)), wanted.group(2)
+        amount = f"{size / 2**30:.2f} GiB" if unit == "bytes" else f"{size:g} {unit}"
+        amount = f" ({amount} could not be allocated)"
+    return (
+        f"Error: out of memory{amount}. Lower data.batch_size or the model's size "
+        "(model.arch.*), or eval.max_batch in an evaluation."
+    )
+
+
+def one_line(err: BaseException) -> str | None:
+    """The line a command shows for ``err``: a ``UserError``, Lightning's refusal of a setting,
+    a folder that cannot be read or written, a full disk, a failed allocation; None for any
+    other error, which is a bug and keeps its traceback."""
+    if isinstance(err, UserError):
+        return f"{err.label}: {err}"
+    if type(err).__name__ == "MisconfigurationException":  # Lightning refused a setting
+        return f"Invalid configuration: {err}"
+    if isinstance(err, PermissionError):
+        return f"Error: {err}"
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"Error: {disk_full_message(Path(err.filename) if err.filename else None)}"
+    if is_out_of_memory(err):
+        return _out_of_memory_line(err)
+    return None
 
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Turn a known error into one line: the process exits with it, or, in a sweep job, the
-    job fails with it and the sweep goes on (see ``RecordFailedJobs``)."""
+    """Turn an error a user can fix into ``one_line``: the process exits with it, or, in a
+    sweep job, the job fails with it and the sweep goes on (see ``RecordFailedJobs``)."""
     try:
         yield
         return
-    except KNOWN_ERRORS as err:
-        invalid = isinstance(err, ConfigError | MisconfigurationException)
-        message = f"{'Invalid configuration' if invalid else 'Error'}: {err}"
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as err:
+        message = one_line(err)
+        if message is None:
             raise
-        message = f"Error: {disk_full_message(Path(err.filename) if err.filename else None)}"
-    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and not is_out_of_memory(err):
-            raise
-        wanted = re.search(r"(?i)tried to allocate ([\d.]+) ?(\w+)", str(err))
-        amount = ""
-        if wanted:
-            size, unit = float(wanted.group(1)), wanted.group(2)
-            amount = f"{size / 2**30:.2f} GiB" if unit == "bytes" else f"{size:g} {unit}"
-            amount = f" ({amount} could not be allocated)"
-        message = (
-            f"Error: out of memory{amount}. Lower data.batch_size or "
-            "the model's size (model.arch.*), or eval.max_batch in an evaluation."
-        )
     if is_multirun():
-        raise JobFailed(message) from None
-    raise SystemExit(message) from None
+        raise JobFailed(message)
+    raise SystemExit(message)
 
 
 _NOISE = (

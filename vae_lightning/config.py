@@ -13,14 +13,11 @@ from omegaconf.errors import MissingMandatoryValue
 
 from vae_lightning.core.kl_schedule import KINDS as KL_KINDS
 from vae_lightning.core.likelihoods import LIKELIHOODS, SIGMA_MODES
+from vae_lightning.errors import ConfigError
 from vae_lightning.evaluation.fid import NETWORKS
 from vae_lightning.launch.run_files import flatten
 from vae_lightning.training.checkpoints import read_checkpoint
 from vae_lightning.training.loggers import WANDB_MODES, is_log_model_choice
-
-
-class ConfigError(ValueError):
-    """A setting has a value that is not allowed; the message names the key and what is."""
 
 
 def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:

@@ -14,7 +14,8 @@ from vae_lightning.cli import (
     quiet_third_party_warnings,
     register_resolvers,
 )
-from vae_lightning.config import ConfigError, build, check_resume_checkpoint, validate_config
+from vae_lightning.config import build, check_resume_checkpoint, validate_config
+from vae_lightning.errors import ConfigError
 from vae_lightning.launch.ddp import isolated_ddp_job
 from vae_lightning.launch.gpu_slots import gpu_of_its_own
 from vae_lightning.launch.plugins import check_plugins

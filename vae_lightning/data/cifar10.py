@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from vae_lightning.errors import UserError
+
 try:
     from numpy._core.multiarray import _reconstruct as numpy_reconstruct
 except ImportError:  # numpy 1
@@ -36,11 +38,11 @@ TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """CIFAR-10 is not in the data folder and could not be downloaded."""
 
 
-class DatasetCorruptError(ValueError):
+class DatasetCorruptError(UserError, ValueError):
     """A CIFAR-10 batch file cannot be read as one."""
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from vae_lightning.data.cifar10 import BASE_FOLDER, TEST_FILES, TRAIN_FILES, read_cifar10
+from vae_lightning.errors import UserError
 from vae_lightning.evaluation.progress import PassProgress
 from vae_lightning.launch.run_files import torch_save_atomically, write_text_atomically
 
@@ -44,11 +45,11 @@ EVAL_SETTINGS = {
 """How ``vae_lightning.evaluate`` names the files of the feature network."""
 
 
-class FIDUnavailableError(RuntimeError):
+class FIDUnavailableError(UserError, RuntimeError):
     """The default feature network cannot be had (not installed, or no weights on disk)."""
 
 
-class FIDNetworkError(ValueError):
+class FIDNetworkError(UserError, ValueError):
     """A file given for the feature network does not load or does not give features; the
     message names the setting."""
 

@@ -17,12 +17,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
+from vae_lightning.errors import UserError
 
-class RunFilesNotFoundError(FileNotFoundError):
+
+class RunFilesNotFoundError(UserError, FileNotFoundError):
     """A folder holds none of the run files a command reads; the message names it."""
 
 
-class DiskFullError(RuntimeError):
+class DiskFullError(UserError, RuntimeError):
     """No space was left for a file; the message names the disk, the space needed and free."""
 
 
@@ -124,7 +126,7 @@ def torch_save_atomically(obj: Any, path: Path) -> None:
     write_atomically(path, buffer.getbuffer())
 
 
-class RunFileDamagedError(ValueError):
+class RunFileDamagedError(UserError, ValueError):
     """A run file cannot be read as what it should hold; the message names it and why."""
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from vae_lightning.errors import UserError
 from vae_lightning.launch.run_files import torch_save_atomically
 from vae_lightning.training.lit_module import VAELitModule
 
@@ -36,7 +37,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         torch_save_atomically(checkpoint, Path(path))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file cannot be used; the message names the file and what is wrong."""
 
 

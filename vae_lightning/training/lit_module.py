@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric
 from vae_lightning.core.kl_schedule import KLSchedule
 from vae_lightning.core.likelihoods import SigmaMode, build_likelihood
 from vae_lightning.core.vae import VAE
+from vae_lightning.errors import UserError
 from vae_lightning.training.step_rows import DeviceRows
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 """Optimizers with a fused kernel on CUDA and CPU that takes a ``found_inf`` flag."""
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
