@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers import LeavesMarker, run_module
-from vae_lightning.evaluation import progress
+from vae_lightning.evaluation import pass_progress
 from vae_lightning.evaluation.fid import (
     FeatureStats,
     FIDNetworkError,
@@ -126,7 +126,7 @@ def test_a_resumed_pass_reports_the_rate_of_the_images_it_computed(tmp_path, mon
         feature_statistics(CountingExtractor(7), slices, 950, "x", partial, 100, chunk=300)
     capsys.readouterr()
     clock = iter(range(100))  # one second per reading: the first line comes 1 s after the start
-    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(pass_progress.time, "perf_counter", lambda: next(clock))
     feature_statistics(CountingExtractor(), slices, 950, "x", partial, 100, chunk=300)
     first = capsys.readouterr().err.splitlines()[0]
     assert "900/950 images, 300.0 images/s" in first  # 300 computed, not the 600 resumed
@@ -205,8 +205,8 @@ def test_the_fid_command_compares_the_splits_and_caches_them(cifar_dir, tmp_path
 
 def test_pass_progress_reports_each_crossed_interval_and_the_end(monkeypatch, capsys):
     clock = iter(range(100))
-    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
-    report = progress.PassProgress("Likelihood estimates (K = 5)", total=2500, every=1000)
+    monkeypatch.setattr(pass_progress.time, "perf_counter", lambda: next(clock))
+    report = pass_progress.PassProgress("Likelihood estimates (K = 5)", total=2500, every=1000)
     for done in (400, 800, 1200, 1600, 2000, 2500):
         report.advance_to(done)
     lines = capsys.readouterr().err.splitlines()  # not a terminal: one line each

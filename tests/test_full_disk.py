@@ -14,7 +14,7 @@ import yaml
 
 from tests.helpers import DDP, run_module, run_train
 from vae_lightning.evaluation.fid import feature_statistics, image_slices
-from vae_lightning.launch.run_files import DiskFullError, write_text_atomically
+from vae_lightning.files import DiskFullError, write_text_atomically
 from vae_lightning.training.checkpoints import read_checkpoint
 
 SMALL_MODEL = [

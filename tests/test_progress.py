@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import ADAM, MLP, fit_in_process
 from vae_lightning.training.lit_module import VAELitModule
-from vae_lightning.training.progress import ProgressLog
+from vae_lightning.training.progress_bars import ProgressLog
 
 LINE = re.compile(r"epoch 1/1(?P<end> \(end\))? step (?P<step>\d+) \| (?P<speed>\d+) img/s")
 
@@ -44,7 +44,7 @@ def test_a_run_resumed_mid_epoch_reports_its_true_speed(cifar_dir, tmp_path, cap
     )
     module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4)
     started = time.perf_counter()
-    with caplog.at_level(logging.INFO, logger="vae_lightning.training.progress"):
+    with caplog.at_level(logging.INFO, logger="vae_lightning.training.progress_bars"):
         fit_in_process(
             module,
             cifar_dir,

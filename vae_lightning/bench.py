@@ -199,7 +199,7 @@ def _config(args: argparse.Namespace, arch: str, on_device: bool, output_dir: st
         "run_name=bench",
         "run_group=null",
         "callbacks.model_summary.max_depth=0",  # kept, but prints no table
-        "callbacks.progress_bar._target_=vae_lightning.training.progress.ProgressLog",
+        "callbacks.progress_bar._target_=vae_lightning.training.progress_bars.ProgressLog",
         *(SMALL_MODEL if args.small else []),
         *args.set,
     ]

@@ -12,9 +12,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from vae_lightning.errors import UserError
+from vae_lightning.files import disk_full_message
 from vae_lightning.launch.hydra_callbacks import JobFailed
 from vae_lightning.launch.multirun import is_multirun, sweep_group
-from vae_lightning.launch.run_files import disk_full_message
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = str(

@@ -30,12 +30,9 @@ from vae_lightning.evaluation.fid import (
     file_digest,
 )
 from vae_lightning.evaluation.metrics import fid_scores, likelihood_metrics, save_grids
+from vae_lightning.files import read_run_file, write_text_atomically
 from vae_lightning.launch.plugins import check_plugins
-from vae_lightning.launch.run_files import (
-    read_run_file,
-    save_resolved_config,
-    write_text_atomically,
-)
+from vae_lightning.launch.run_files import save_resolved_config
 from vae_lightning.training.checkpoints import load_model
 from vae_lightning.training.lit_module import VAELitModule
 from vae_lightning.training.loggers import start_eval_run

@@ -22,7 +22,7 @@ from vae_lightning.evaluation.fid import (
     frechet_distance,
     real_statistics,
 )
-from vae_lightning.launch.run_files import write_text_atomically
+from vae_lightning.files import write_text_atomically
 
 OPTIONS = {"feature_extractor": "--feature-extractor", "inception_weights": "--inception-weights"}
 """How this command names the files of the feature network."""

@@ -15,12 +15,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from vae_lightning.cli import one_line_errors
-from vae_lightning.launch.run_files import (
-    RunFilesNotFoundError,
-    csv_text,
-    read_run_file,
-    write_text_atomically,
-)
+from vae_lightning.files import csv_text, read_run_file, write_text_atomically
+from vae_lightning.launch.run_files import RunFilesNotFoundError
 from vae_lightning.training.loggers import choose_wandb_mode
 
 METRICS = (

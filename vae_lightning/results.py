@@ -19,13 +19,8 @@ import torch
 
 from vae_lightning.cli import one_line_errors
 from vae_lightning.core.likelihoods import build_likelihood
-from vae_lightning.launch.run_files import (
-    RunFilesNotFoundError,
-    csv_text,
-    read_run_file,
-    threads,
-    write_text_atomically,
-)
+from vae_lightning.files import csv_text, read_run_file, write_text_atomically
+from vae_lightning.launch.run_files import RunFilesNotFoundError, threads
 from vae_lightning.training.checkpoints import read_checkpoint
 from vae_lightning.training.lit_module import val_bpd_scores
 

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from vae_lightning.data.cifar10 import BASE_FOLDER, TEST_FILES, TRAIN_FILES, read_cifar10
 from vae_lightning.errors import UserError
-from vae_lightning.evaluation.progress import PassProgress
-from vae_lightning.launch.run_files import torch_save_atomically, write_text_atomically
+from vae_lightning.evaluation.pass_progress import PassProgress
+from vae_lightning.files import torch_save_atomically, write_text_atomically
 
 log = logging.getLogger(__name__)
 

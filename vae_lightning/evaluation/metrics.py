@@ -23,8 +23,8 @@ from vae_lightning.evaluation.fid import (
     generated_slices,
     real_statistics,
 )
-from vae_lightning.evaluation.progress import PassProgress
-from vae_lightning.launch.run_files import save_png_atomically
+from vae_lightning.evaluation.pass_progress import PassProgress
+from vae_lightning.files import save_png_atomically
 
 log = logging.getLogger(__name__)
 

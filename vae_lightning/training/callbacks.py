@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from vae_lightning.launch.run_files import save_png_atomically
+from vae_lightning.files import save_png_atomically
 
 
 class ImageGrids(L.Callback):

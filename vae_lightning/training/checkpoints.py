@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vae_lightning.errors import UserError
-from vae_lightning.launch.run_files import torch_save_atomically
+from vae_lightning.files import torch_save_atomically
 from vae_lightning.training.lit_module import VAELitModule
 
 MODEL_SETTINGS = ("arch", "optimizer", "latent_dim")

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from vae_lightning.launch.run_files import read_run_file
+from vae_lightning.files import read_run_file
 
 log = logging.getLogger(__name__)
 
