@@ -23,10 +23,12 @@ def progress_bar(every_n_steps: int = 100) -> ProgressBar:
 
 class LiveBar(RichProgressBar):
     """Rich's bar, with the training loss of the last logging step beside Lightning's metrics:
-    the module logs it as a value on the host, so drawing it never waits for the device."""
+    the module logs it as a value on the host, so drawing it never waits for the device. The
+    logger's version number (``v_num``) is left out: the run folder names the run."""
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
         if (loss := trainer.callback_metrics.get("train/loss")) is not None:
             metrics["train/loss"] = float(loss)
         return metrics
