@@ -519,9 +519,9 @@ def test_no_epoch_limit_writes_image_grids_every_n_epochs_and_at_the_end(cifar_d
 
 def test_in_a_terminal_the_bar_shows_the_training_loss_and_the_last_val_bpd(cifar_dir, tmp_path):
     """stdout is a pseudo-terminal here, as in an interactive shell. A logger's version number
-    (``v_num``), which tells nothing here, is not shown."""
+    (``v_num``, the W&B run id's last characters), which tells nothing here, is not shown."""
     main, terminal = pty.openpty()
-    args = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT, "test=false"]
+    args = [f"data.data_dir={cifar_dir}", "logger=wandb", *SHORT, "test=false"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "vae_lightning.train", *args],
         cwd=tmp_path,
