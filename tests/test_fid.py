@@ -125,11 +125,11 @@ def test_a_resumed_pass_reports_the_rate_of_the_images_it_computed(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         feature_statistics(CountingExtractor(7), slices, 950, "x", partial, 100, chunk=300)
     capsys.readouterr()
-    clock = iter(range(100))  # one second per reading: the first line comes 1 s after the start
+    clock = iter(range(100))  # one second per reading: 3 batches of 100 by the first line
     monkeypatch.setattr(pass_progress.time, "perf_counter", lambda: next(clock))
     feature_statistics(CountingExtractor(), slices, 950, "x", partial, 100, chunk=300)
     first = capsys.readouterr().err.splitlines()[0]
-    assert "900/950 images, 300.0 images/s" in first  # 300 computed, not the 600 resumed
+    assert "900/950 images, 100.0 images/s" in first  # 300 computed in 3 s, not 900
 
 
 def test_statistics_are_cached_under_their_key(tmp_path):
@@ -204,17 +204,31 @@ def test_the_fid_command_compares_the_splits_and_caches_them(cifar_dir, tmp_path
 
 
 def test_pass_progress_reports_each_crossed_interval_and_the_end(monkeypatch, capsys):
-    clock = iter(range(100))
+    clock = iter(range(100))  # one second per reading: no line is due by time
     monkeypatch.setattr(pass_progress.time, "perf_counter", lambda: next(clock))
     report = pass_progress.PassProgress("Likelihood estimates (K = 5)", total=2500, every=1000)
     for done in (400, 800, 1200, 1600, 2000, 2500):
         report.advance_to(done)
     lines = capsys.readouterr().err.splitlines()  # not a terminal: one line each
     assert lines == [
-        "Likelihood estimates (K = 5): 1200/2500 images, 1200.0 images/s, ~0 min left",
-        "Likelihood estimates (K = 5): 2000/2500 images, 1000.0 images/s, ~0 min left",
-        "Likelihood estimates (K = 5): 2500/2500 images, 833.3 images/s, ~0 min left",
+        "Likelihood estimates (K = 5): 1200/2500 images, 400.0 images/s, ~0 min left",
+        "Likelihood estimates (K = 5): 2000/2500 images, 400.0 images/s, ~0 min left",
+        "Likelihood estimates (K = 5): 2500/2500 images, 416.7 images/s, ~0 min left",
     ]
+
+
+def test_a_slow_pass_reports_at_least_every_ten_seconds(monkeypatch, capsys):
+    clock = iter(range(0, 1000, 4))  # a batch of 10 images every 4 s (K = 1000 on a CPU)
+    monkeypatch.setattr(pass_progress.time, "perf_counter", lambda: next(clock))
+    report = pass_progress.PassProgress("Likelihood estimates (K = 1000)", total=1000)
+    saves = [report.advance_to(done) for done in range(10, 101, 10)]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [  # at 12 s, 24 s and 36 s: the first reading 10 s or more after the last
+        "Likelihood estimates (K = 1000): 30/1000 images, 2.5 images/s, ~6 min left",
+        "Likelihood estimates (K = 1000): 60/1000 images, 2.5 images/s, ~6 min left",
+        "Likelihood estimates (K = 1000): 90/1000 images, 2.5 images/s, ~6 min left",
+    ]
+    assert not any(saves)  # a line by time is no chunk for a pass to save at
 
 
 def test_a_crafted_inception_weights_file_runs_no_code(tmp_path, monkeypatch):
