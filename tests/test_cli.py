@@ -519,7 +519,8 @@ def test_no_epoch_limit_writes_image_grids_every_n_epochs_and_at_the_end(cifar_d
 
 def test_in_a_terminal_the_bar_shows_the_training_loss_and_the_last_val_bpd(cifar_dir, tmp_path):
     """stdout is a pseudo-terminal here, as in an interactive shell. A logger's version number
-    (``v_num``, the W&B run id's last characters), which tells nothing here, is not shown."""
+    (``v_num``, the W&B run id's last characters), which tells nothing here, is not shown. The
+    run's ``train.log`` gets the per-epoch lines, as when the output goes to a file."""
     main, terminal = pty.openpty()
     args = [f"data.data_dir={cifar_dir}", "logger=wandb", *SHORT, "test=false"]
     proc = subprocess.Popen(
@@ -543,7 +544,9 @@ def test_in_a_terminal_the_bar_shows_the_training_loss_and_the_last_val_bpd(cifa
     assert proc.wait(timeout=120) == 0
     text = output.decode(errors="replace")
     assert "train/loss:" in text and "val/bpd:" in text and "v_num" not in text
-    assert "(end) step" not in text  # the plain lines are for output that goes to a file
+    assert "(end) step" not in text  # the plain lines are for output that goes to a file ...
+    history = (single_run(tmp_path) / "train.log").read_text()
+    assert "epoch 1/1 (end) step 5 | " in history and " | val/bpd " in history  # ... and the log
 
 
 def test_ema_of_the_weights_from_the_command_line(cifar_dir, tmp_path):

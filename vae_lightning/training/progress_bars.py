@@ -24,7 +24,29 @@ def progress_bar(every_n_steps: int = 100) -> ProgressBar:
 class LiveBar(RichProgressBar):
     """Rich's bar, with the training loss of the last logging step beside Lightning's metrics:
     the module logs it as a value on the host, so drawing it never waits for the device. The
-    logger's version number (``v_num``) is left out: the run folder names the run."""
+    logger's version number (``v_num``) is left out: the run folder names the run. The run's
+    log files (``train.log``) get ``ProgressLog``'s line after every epoch, so a run watched in
+    a terminal leaves the same history as one whose output went to a file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch_lines = ProgressLog(every_n_steps=0, log_files_only=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.epoch_lines.on_train_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self.epoch_lines.on_train_epoch_start(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.epoch_lines.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self.epoch_lines.on_train_epoch_end(trainer, pl_module)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
@@ -48,10 +70,11 @@ class ProgressLog(ProgressBar):
 
     ``epoch 3/20 step 1056 | 812 img/s | train/loss 1234.5 | val/bpd 6.912 | 4m12s, ~12m30s left``
 
-    A ``ProgressBar``, so that Lightning adds no bar of its own.
+    A ``ProgressBar``, so that Lightning adds no bar of its own. With ``log_files_only`` the
+    lines go to the log files alone (``LiveBar`` draws the terminal).
     """
 
-    def __init__(self, every_n_steps: int = 100) -> None:
+    def __init__(self, every_n_steps: int = 100, log_files_only: bool = False) -> None:
         super().__init__()
         if (
             not isinstance(every_n_steps, int)
@@ -60,6 +83,7 @@ class ProgressLog(ProgressBar):
         ):
             raise ValueError(f"every_n_steps={every_n_steps!r}: it must be an integer >= 0")
         self.every_n_steps = every_n_steps
+        self.log_files_only = log_files_only
         self._enabled = True
         self._started = 0.0
         self._first_step = 0
@@ -118,4 +142,10 @@ class ProgressLog(ProgressBar):
             if key in metrics:
                 parts.append(f"{key} {fmt.format(float(metrics[key]))}")
         parts.append(f"{_duration(elapsed)}, ~{_duration(left)} left")
-        log.info(" | ".join(parts))
+        if not self.log_files_only:
+            log.info(" | ".join(parts))
+            return
+        record = log.makeRecord(log.name, logging.INFO, __file__, 0, " | ".join(parts), (), None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
