@@ -544,6 +544,7 @@ def test_in_a_terminal_the_bar_shows_the_training_loss_and_the_last_val_bpd(cifa
     assert proc.wait(timeout=120) == 0
     text = output.decode(errors="replace")
     assert "train/loss:" in text and "val/bpd:" in text and "v_num" not in text
+    assert "Epoch 1/1" in text and "Epoch 0/0" not in text  # counted as the log lines count
     assert "(end) step" not in text  # the plain lines are for output that goes to a file ...
     history = (single_run(tmp_path) / "train.log").read_text()
     assert "epoch 1/1 (end) step 5 | " in history and " | val/bpd " in history  # ... and the log

@@ -54,3 +54,11 @@ def test_fused_optimizers_take_a_found_inf_flag():
         optimizer.found_inf = torch.ones(())
         optimizer.step()
         assert torch.equal(weight.detach(), torch.ones(3)), optimizer_class  # skipped
+
+
+def test_the_rich_bar_names_its_epochs_through_one_method():
+    """training/progress_bars.py, LiveBar: counts epochs from 1, as the log lines do."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    assert "current_epoch" in inspect.signature(RichProgressBar._get_train_description).parameters
+    assert "validation_description" in dir(RichProgressBar), "LiveBar._get_train_description"

@@ -48,6 +48,14 @@ class LiveBar(RichProgressBar):
         super().on_train_epoch_end(trainer, pl_module)
         self.epoch_lines.on_train_epoch_end(trainer, pl_module)
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        """``Epoch 1/2`` for the first of two, as the log lines count (Lightning: ``0/1``)."""
+        epochs = self.trainer.max_epochs
+        description = f"Epoch {current_epoch + 1}"
+        if epochs is not None and epochs > 0:
+            description += f"/{epochs}"
+        return f"{description:{len(self.validation_description)}}"
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
