@@ -105,6 +105,36 @@ def save_png_atomically(grid: torch.Tensor, path: Path) -> None:
     write_atomically(path, buffer.getbuffer())
 
 
+def markdown_table(
+    rows: list[dict[str, Any]], headers: dict[str, str] | None = None, digits: int = 4
+) -> str:
+    """``rows`` as a Markdown table: a column per key of ``headers`` (key: title; by default
+    the first row's keys), floats with ``digits`` decimals, a dash for None."""
+    headers = headers or {key: key for key in rows[0]}
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "—"
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(headers.values()) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(row[key]) for key in headers) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(
+    rows: list[dict[str, Any]],
+    path: Path,
+    headers: dict[str, str] | None = None,
+    digits: int = 4,
+    note: str = "",
+) -> None:
+    """``rows`` as ``path`` (``markdown_table``, then ``note``) and beside it as CSV (the same
+    name with ``.csv``), both written whole."""
+    write_text_atomically(path, markdown_table(rows, headers, digits) + note)
+    write_text_atomically(path.with_suffix(".csv"), csv_text(rows))
+
+
 def csv_text(rows: list[dict[str, Any]]) -> str:
     """``rows`` as CSV, with the first row's keys as the header."""
     text = io.StringIO(newline="")

@@ -15,7 +15,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from vae_lightning.cli import one_line_errors
-from vae_lightning.files import csv_text, read_run_file, write_text_atomically
+from vae_lightning.files import read_run_file, write_table
 from vae_lightning.launch.run_files import RunFilesNotFoundError
 from vae_lightning.training.loggers import choose_wandb_mode
 
@@ -68,19 +68,6 @@ def table_rows(jobs: list[dict[str, Any]], params: list[str]) -> list[dict[str, 
         | {m: j["metrics"].get(m) for m in METRICS}
         for j in jobs
     ]
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def plot_metric(rows: list[dict[str, Any]], metric: str, param: str, others: list[str], path: Path):
@@ -145,8 +132,7 @@ def write_report(sweep_dir: Path, output_dir: Path | None = None) -> Report:
     failures_file = sweep_dir / "failed_jobs.yaml"
     for failure in yaml.safe_load(failures_file.read_text()) if failures_file.is_file() else []:
         note += f"- job {failure['job']}: {failure['error']}\n"
-    write_text_atomically(report.table, markdown_table(rows) + (note if missing else ""))
-    write_text_atomically(report.csv, csv_text(rows))
+    write_table(rows, report.table, note=note if missing else "")
     for metric in PLOTTED:
         if all(row[metric] is None for row in rows):
             continue

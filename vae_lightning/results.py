@@ -19,7 +19,7 @@ import torch
 
 from vae_lightning.cli import one_line_errors
 from vae_lightning.core.likelihoods import build_likelihood
-from vae_lightning.files import csv_text, read_run_file, write_text_atomically
+from vae_lightning.files import read_run_file, write_table
 from vae_lightning.launch.run_files import RunFilesNotFoundError, threads
 from vae_lightning.training.checkpoints import read_checkpoint
 from vae_lightning.training.lit_module import val_bpd_scores
@@ -157,19 +157,10 @@ def table_row(run: Path, results: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def write_table(rows: list[dict[str, Any]], output_dir: Path) -> Path:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[key]) for key in COLUMNS) + " |" for row in rows]
+def write_results(rows: list[dict[str, Any]], output_dir: Path) -> Path:
+    """``results.md`` and ``results.csv`` in ``output_dir``."""
     markdown = output_dir / "results.md"
-    write_text_atomically(markdown, "\n".join(lines) + "\n")
-    write_text_atomically(output_dir / "results.csv", csv_text(rows))
+    write_table(rows, markdown, COLUMNS, digits=3)
     return markdown
 
 
@@ -198,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = [
             table_row(run, evaluation(run, args.num_samples, args.set, args.again)) for run in runs
         ]
-        markdown = write_table(rows, args.output_dir or args.folders[0])
+        markdown = write_results(rows, args.output_dir or args.folders[0])
     print(markdown.read_text(), end="")
     print(f"\nWrote {markdown} and results.csv")
 
