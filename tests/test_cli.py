@@ -105,32 +105,30 @@ def test_overrides_reach_the_model_and_every_metric_is_logged(cifar_dir, tmp_pat
     assert hparams["model.latent_dim"] == 64  # the resolved config, flat
 
 
-@pytest.mark.parametrize(
-    ("sweep", "expected"),
-    [
-        ("model.latent_dim=16,32,64,128", ["16", "32", "64", "128"]),
-        ("model/arch=mlp,conv,resnet", ["mlp", "conv", "resnet"]),
-    ],
-)
-def test_multirun_gives_one_folder_per_job(cifar_dir, tmp_path, sweep, expected):
-    run_train(["-m", sweep, f"data.data_dir={cifar_dir}", "logger=csv", *SHORT], cwd=tmp_path)
-    jobs = sweep_jobs(tmp_path)
-    assert [p.name for p in jobs] == [str(i) for i in range(len(expected))]
-    key, _ = sweep.split("=")
-    for job, value in zip(jobs, expected, strict=True):
+def assert_one_folder_per_job(cwd: Path, key: str, values: list[str]) -> list[Path]:
+    jobs = sweep_jobs(cwd)
+    assert [p.name for p in jobs] == [str(i) for i in range(len(values))]
+    for job, value in zip(jobs, values, strict=True):
         assert_run_folder(job)
         assert f"{key}={value}" in (job / ".hydra" / "overrides.yaml").read_text()
         assert resolved(job)["run_group"].startswith("sweep_")
         assert last_value(metrics_csv(job), "test/bpd") > 0
-    assert not (tmp_path / "outputs" / "runs").exists()
+    assert not (cwd / "outputs" / "runs").exists()
+    return jobs
 
 
-def test_experiment_preset_sweeps(cifar_dir, tmp_path):
+def test_multirun_gives_one_folder_per_job(cifar_dir, tmp_path):
+    sweep = ["-m", "model.latent_dim=16,64", f"data.data_dir={cifar_dir}", "logger=csv", *SHORT]
+    run_train(sweep, cwd=tmp_path)
+    assert_one_folder_per_job(tmp_path, "model.latent_dim", ["16", "64"])
+
+
+def test_experiment_preset_sweeps_a_group_with_one_folder_per_job(cifar_dir, tmp_path):
     run_train(
         ["experiment=sweep_arch", f"data.data_dir={cifar_dir}", "logger=csv", *SHORT, "-m"],
         cwd=tmp_path,
     )
-    jobs = sweep_jobs(tmp_path)
+    jobs = assert_one_folder_per_job(tmp_path, "model/arch", ["mlp", "conv", "resnet"])
     targets = [resolved(j)["model"]["arch"]["encoder"]["_target_"] for j in jobs]
     assert [t.rsplit(".", 1)[1] for t in targets] == ["MLPEncoder", "ConvEncoder", "ResNetEncoder"]
     assert all(resolved(j)["tags"] == ["sweep_arch"] for j in jobs)
