@@ -16,7 +16,7 @@ import torch
 import yaml
 from torchvision.utils import save_image
 
-from vae_lightning.errors import UserError
+from vae_lightning.errors import UserError, first_line
 
 
 class DiskFullError(UserError, RuntimeError):
@@ -61,8 +61,8 @@ def _is_running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process
+        pass
     return True
 
 
@@ -171,7 +171,7 @@ def read_run_file(path: Path, expected: type = dict, required: Sequence[str] = (
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as err:  # JSON and Unicode errors are ValueErrors
-        reason = str(err).splitlines()[0]
+        reason = first_line(err)
         kind = "JSON" if path.suffix == ".json" else "YAML"
         raise RunFileDamagedError(f"{damaged}: it is not {kind} ({reason})") from None
     if not isinstance(data, expected):

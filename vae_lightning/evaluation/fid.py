@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from vae_lightning.data.cifar10 import BASE_FOLDER, TEST_FILES, TRAIN_FILES, read_cifar10
-from vae_lightning.errors import UserError
+from vae_lightning.errors import UserError, first_line
 from vae_lightning.evaluation.pass_progress import PassProgress
 from vae_lightning.files import torch_save_atomically, write_text_atomically
 
@@ -193,11 +193,10 @@ def build_extractor(
         if not path:  # the default weights: not installed, or no download possible
             raise FIDUnavailableError(
                 "torch-fidelity's Inception weights could not be loaded "
-                f"({str(err).splitlines()[0]}): set eval.fid.inception_weights=<weights file>, "
+                f"({first_line(err)}): set eval.fid.inception_weights=<weights file>, "
                 "or run once with a network"
             ) from None
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise FIDNetworkError(f"{where} does not load as the network ({reason})") from None
+        raise FIDNetworkError(f"{where} does not load as the network ({first_line(err)})") from None
     try:
         with torch.no_grad():
             features = extractor(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
@@ -206,8 +205,7 @@ def build_extractor(
             raise ValueError(f"it gave {shape}")
     except Exception as err:
         raise FIDNetworkError(
-            f"{where} does not map 2 images (2, 3, 32, 32) to features (2, d): "
-            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            f"{where} does not map 2 images (2, 3, 32, 32) to features (2, d): {first_line(err)}"
         ) from None
     return extractor
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from vae_lightning.errors import UserError
+from vae_lightning.errors import UserError, first_line
 from vae_lightning.files import torch_save_atomically
 from vae_lightning.training.lit_module import VAELitModule
 
@@ -115,9 +115,8 @@ def load_model(path: str | Path, setting: str = "ckpt_path") -> VAELitModule:
     try:
         model = VAELitModule(**settings)
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(
-            f"{where}: its model settings do not build a vae_lightning model ({reason})"
+            f"{where}: its model settings do not build a vae_lightning model ({first_line(err)})"
         ) from None
     model.on_load_checkpoint(checkpoint)
     try:
