@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from vae_lightning.cli import CONFIG_DIR
 from vae_lightning.data.cifar10 import BASE_FOLDER, TEST_FILES, TRAIN_FILES
+from vae_lightning.training.lit_module import LIKELIHOOD_KINDS, VAELitModule
 
 ROOT = Path(__file__).resolve().parents[1]
 """The project's folder: on PYTHONPATH in commands the tests run, for their test callbacks."""
@@ -254,6 +255,29 @@ MLP = {
     "decoder": {"_target_": "vae_lightning.core.architectures.MLPDecoder", "hidden_dims": [64]},
 }
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+
+
+def head_config(
+    kind: str = "gaussian", sigma: float = 0.1, sigma_mode: str = "fixed", num_mixtures: int = 2
+) -> dict[str, Any]:
+    """A likelihood head's config, as conf/model/likelihood/<kind>.yaml resolves it."""
+    settings = (
+        {"num_mixtures": num_mixtures}
+        if kind == "logistic_mixture"
+        else {"sigma": sigma, "sigma_mode": sigma_mode}
+    )
+    return {"_target_": LIKELIHOOD_KINDS[kind], **settings}
+
+
+def make_module(
+    sigma: float = 0.1, sigma_mode: str = "fixed", kind: str = "gaussian", **settings: Any
+) -> VAELitModule:
+    """A small MLP VAE in float64, seeded, with the ``kind`` head."""
+    torch.manual_seed(0)
+    head = head_config(kind, sigma, sigma_mode)
+    return VAELitModule(
+        arch=MLP, optimizer=ADAM, latent_dim=4, likelihood=head, **settings
+    ).double()
 
 
 def composed(*overrides: str, hydra: bool = False, config: str = "train"):

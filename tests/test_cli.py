@@ -26,6 +26,7 @@ from tests.helpers import (
     SPLITS_AND_METRICS,
     assert_run_folder,
     cli_env,
+    composed,
     last_value,
     metrics_csv,
     offline_wandb_run,
@@ -38,7 +39,8 @@ from tests.helpers import (
     wait_for_files,
 )
 from vae_lightning.cli import one_line, one_line_errors
-from vae_lightning.errors import UserError
+from vae_lightning.config import check_resume_checkpoint
+from vae_lightning.errors import ConfigError, UserError
 from vae_lightning.launch.hydra_callbacks import JobFailed
 from vae_lightning.report import write_report
 from vae_lightning.training.checkpoints import read_checkpoint
@@ -355,20 +357,8 @@ def test_smoke_on_real_cifar10(tmp_path):
     ("changed", "expected"),
     [
         (
-            ["model.latent_dim=16"],
-            ["model.latent_dim: checkpoint 8, this run 16"],
-        ),
-        (
             [*DDP, "model.latent_dim=16"],  # refused before any rank starts
             ["model.latent_dim: checkpoint 8, this run 16"],
-        ),
-        (
-            ["model/arch=mlp"],
-            [
-                "model.arch.encoder._target_: checkpoint "
-                "vae_lightning.core.architectures.ConvEncoder, this run "
-                "vae_lightning.core.architectures.MLPEncoder",
-            ],
         ),
         (
             ["model.sigma_mode=fixed", "model.sigma=0.2"],
@@ -376,10 +366,6 @@ def test_smoke_on_real_cifar10(tmp_path):
                 "model.sigma: checkpoint 0.1, this run 0.2",
                 "model.sigma_mode: checkpoint learned, this run fixed",
             ],
-        ),
-        (
-            ["model.optimizer._target_=torch.optim.SGD"],
-            ["model.optimizer._target_: checkpoint torch.optim.Adam, this run torch.optim.SGD"],
         ),
     ],
 )
@@ -395,6 +381,28 @@ def test_resume_refuses_a_checkpoint_of_another_model_and_keeps_it(
         assert difference in proc.stderr
     assert last.read_bytes() == before
     assert not list(tmp_path.glob("outputs/runs/*/*/checkpoints"))
+
+
+@pytest.mark.parametrize(
+    ("changed", "expected"),
+    [
+        ("model.latent_dim=16", "model.latent_dim: checkpoint 8, this run 16"),
+        (
+            "model/arch=mlp",
+            "model.arch.encoder._target_: checkpoint vae_lightning.core.architectures.ConvEncoder, "
+            "this run vae_lightning.core.architectures.MLPEncoder",
+        ),
+        (
+            "model.optimizer._target_=torch.optim.SGD",
+            "model.optimizer._target_: checkpoint torch.optim.Adam, this run torch.optim.SGD",
+        ),
+    ],
+)
+def test_resume_names_each_model_setting_that_differs(trained_learned_sigma, changed, expected):
+    args, last = trained_learned_sigma
+    with pytest.raises(ConfigError) as err:
+        check_resume_checkpoint(composed(*args, changed, f"ckpt_path={last}"))
+    assert expected in str(err.value)
 
 
 def test_resume_applies_settings_that_may_change(trained_learned_sigma, tmp_path):

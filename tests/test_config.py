@@ -1,12 +1,14 @@
 """Bad settings are refused before training, with the key and the allowed values."""
 
 import pytest
-from hydra.errors import MissingConfigException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from tests.helpers import composed
 from vae_lightning.config import validate_config, validate_eval_config
 from vae_lightning.errors import ConfigError
 from vae_lightning.train import train
+
+LIKELIHOODS = "vae_lightning.core.likelihoods"
 
 
 def assert_refused(validate, cfg, key: str, allowed: str) -> None:
@@ -31,9 +33,6 @@ def test_defaults_are_valid():
         ("model.latent_dim=0", "model.latent_dim", "integer >= 1"),
         ("model.latent_dim=2.5", "model.latent_dim", "integer >= 1"),
         ("model.latent_dim=abc", "model.latent_dim", "integer >= 1"),
-        ("model.sigma=-1", "model.sigma", "> 0"),
-        ("model.sigma=0", "model.sigma", "> 0"),
-        ("model.sigma_mode=nope", "model.sigma_mode", "fixed, learned, optimal"),
         ("model.beta=-0.5", "model.beta", ">= 0"),
         ("model.optimizer.lr=0", "model.optimizer.lr", "> 0"),
         ("data.batch_size=0", "data.batch_size", "integer >= 1"),
@@ -52,23 +51,8 @@ def test_defaults_are_valid():
         ("model.free_bits=-1", "model.free_bits", ">= 0"),
         ("model.skip_grad_norm=0", "model.skip_grad_norm", "null or > 0"),
         ("model.kl_schedule.kind=cosine", "model.kl_schedule.kind", "constant, linear, cyclical"),
-        (
-            "model.likelihood.kind=poisson",
-            "model.likelihood.kind",
-            "gaussian, discretized_gaussian",
-        ),
         ("model.objective=vi", "model.objective", "elbo or iwae"),
         ("model.objective=iwae model.iwae_samples=0", "model.iwae_samples", "integer >= 1"),
-        (
-            "model/likelihood=logistic_mixture model.likelihood.num_mixtures=0",
-            "model.likelihood.num_mixtures",
-            "integer >= 1",
-        ),
-        (
-            "model/likelihood=logistic_mixture model.sigma_mode=learned",
-            "model.sigma_mode",
-            "the decoder outputs every scale",
-        ),
         (
             "model.objective=iwae model.beta=0.5 model.free_bits=0.1",
             "model.objective",
@@ -78,6 +62,43 @@ def test_defaults_are_valid():
 )
 def test_bad_values_name_key_and_allowed_values(override, key, allowed):
     assert_refused(validate_config, composed(*override.split()), key, allowed)
+
+
+@pytest.mark.parametrize(
+    ("override", "head", "reason"),
+    [
+        (
+            "model.sigma=-1",
+            "GaussianLikelihood",
+            "sigma=-1 is not allowed: sigma must be a number > 0",
+        ),
+        ("model.sigma=0", "GaussianLikelihood", "sigma=0 is not allowed"),
+        (
+            "model/likelihood=discretized_gaussian model.sigma_mode=nope",
+            "DiscretizedGaussianLikelihood",
+            "sigma_mode='nope' is not allowed: sigma_mode must be one of fixed, learned, optimal",
+        ),
+        (
+            "model/likelihood=logistic_mixture model.likelihood.num_mixtures=0",
+            "LogisticMixtureLikelihood",
+            "num_mixtures=0 is not allowed: num_mixtures must be an integer >= 1",
+        ),
+    ],
+)
+def test_the_likelihood_head_checks_its_own_settings_before_any_work(override, head, reason):
+    with pytest.raises(ConfigError) as err:
+        validate_config(composed(*override.split()))
+    message = str(err.value)
+    assert message.startswith(f"model.likelihood was refused by {LIKELIHOODS}.{head}:"), message
+    assert reason in message
+
+
+def test_a_gaussian_setting_cannot_be_written_for_another_likelihood():
+    """The sigma settings exist only in the Gaussian heads' files: no check is needed to refuse
+    them with the logistic mixture, whose decoder outputs every scale."""
+    assert composed("model/likelihood=discretized_gaussian", "model.sigma=0.3").model.sigma == 0.3
+    with pytest.raises(ConfigCompositionException, match=r"Could not override 'model\.sigma_mode'"):
+        composed("model/likelihood=logistic_mixture", "model.sigma_mode=learned")
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,23 @@ import torch
 import yaml
 from torch import nn
 
-from tests.helpers import metrics_csv, offline_wandb_run, run_module, run_train, single_run
+from tests.helpers import (
+    composed,
+    head_config,
+    make_module,
+    metrics_csv,
+    offline_wandb_run,
+    run_module,
+    run_train,
+    single_run,
+)
+from vae_lightning.config import check_resume_checkpoint
+from vae_lightning.errors import ConfigError
 from vae_lightning.launch.run_files import RunFilesNotFoundError
 from vae_lightning.report import load_jobs, swept_parameters, write_report
 from vae_lightning.results import best_checkpoint, bpd_kind, evaluation, saved_val_bpd, table_row
+from vae_lightning.training.checkpoints import load_model
+from vae_lightning.training.lit_module import current_settings
 
 pytestmark = pytest.mark.cli
 
@@ -124,7 +137,7 @@ def test_evaluate_starts_from_the_training_runs_config(cifar_dir, tmp_path):
     assert plain["data"]["batch_size"] == 16 and plain["data"]["data_dir"] == str(cifar_dir)
     assert plain["logger"].keys() == {"csv"} and plain["model"]["latent_dim"] == 2
     assert plain["trainer"]["accelerator"] == "auto"
-    assert plain["model"]["likelihood"] == {"kind": "logistic_mixture", "num_mixtures": 2}
+    assert plain["model"]["likelihood"] == head_config("logistic_mixture", num_mixtures=2)
     assert not (eval_output(tmp_path / "plain") / "wandb").exists()
     results = json.loads((eval_output(tmp_path / "plain") / "eval.json").read_text())
     for name in ("elbo", "iwae", "grid"):  # a probability of the 8-bit image: no log 256 added
@@ -270,9 +283,15 @@ def test_a_run_whose_training_has_not_finished_is_marked_so(trained_2d, tmp_path
         ("logistic_mixture", "code length"),
     ],
 )
-def test_the_results_table_says_which_kind_of_bpd_a_run_reports(tmp_path, kind, expected):
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"likelihood": {"kind": kind}}}))
-    assert bpd_kind(tmp_path) == expected
+def test_the_results_table_says_which_kind_of_bpd_a_run_reports(kind, expected):
+    assert make_module(kind=kind).vae.bpd_kind == expected
+
+
+def test_an_evaluation_that_does_not_name_its_bpd_kind_takes_the_checkpoints(trained_2d, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_2d.parent.parent, run)
+    assert bpd_kind(run, {}) == "dequantized bound"  # its Gaussian head, from its checkpoint
+    assert bpd_kind(run, {"bpd_kind": "code length"}) == "code length"
 
 
 def test_a_killed_evaluation_is_named_with_what_to_do(tmp_path, monkeypatch):
@@ -285,3 +304,28 @@ def test_a_killed_evaluation_is_named_with_what_to_do(tmp_path, monkeypatch):
         )
         with pytest.raises(RunFilesNotFoundError, match=expected):
             evaluation(run, 10, [], again=False)
+
+
+def test_a_checkpoint_written_before_heads_had_targets_loads_and_resumes(trained_2d, tmp_path):
+    """Older checkpoints chose the head by ``kind``, with sigma and sigma_mode in every model's
+    settings: they still load, are compared with a run's settings, and resume."""
+    checkpoint = torch.load(trained_2d, weights_only=True)
+    settings = checkpoint["hyper_parameters"]
+    assert settings.pop("likelihood") == head_config("gaussian")
+    settings["likelihood"] = {"kind": "gaussian"}
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    model = load_model(old)
+    assert model.vae.likelihood.sigma_mode == "fixed" and model.vae.likelihood.out_channels == 3
+    assert check_resume_checkpoint(composed(f"ckpt_path={old}", "model.latent_dim=2")) is None
+    settings["sigma_mode"] = "learned"
+    torch.save(checkpoint, old)
+    with pytest.raises(ConfigError, match=r"model\.sigma_mode: checkpoint learned, this run fixed"):
+        check_resume_checkpoint(composed(f"ckpt_path={old}", "model.latent_dim=2"))
+
+
+def test_older_logistic_mixture_settings_name_its_head():
+    old = {"sigma": 0.1, "sigma_mode": "fixed", "likelihood": {"kind": "logistic_mixture"}}
+    assert current_settings(old) == {"likelihood": head_config("logistic_mixture", num_mixtures=10)}
+    unknown = {"likelihood": {"kind": "poisson"}}
+    assert current_settings(unknown) is unknown  # refused when built: it names no class

@@ -135,6 +135,22 @@ def test_a_checkpoint_naming_a_foreign_class_is_not_built(trained_run, tmp_path)
     assert not marker.exists()
 
 
+def test_a_module_named_in_the_trusted_variable_is_built(trained_run, tmp_path, monkeypatch):
+    (tmp_path / "own_heads.py").write_text(
+        "from vae_lightning.core.likelihoods import GaussianLikelihood\n\n\n"
+        "class Mine(GaussianLikelihood):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["likelihood"]["_target_"] = "own_heads.Mine"
+    path = tmp_path / "own.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="VAE_LIGHTNING_TRUSTED_MODULES=own_heads"):
+        load_model(path)
+    monkeypatch.setenv("VAE_LIGHTNING_TRUSTED_MODULES", "other, own_heads")
+    assert type(load_model(path).vae.likelihood).__name__ == "Mine"
+
+
 def test_a_sound_checkpoint_loads_its_weights(trained_run):
     path = trained_run / "checkpoints" / "last.ckpt"
     model = load_model(path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from tests.helpers import ADAM, MLP, fit_in_process
+from tests.helpers import ADAM, MLP, fit_in_process, head_config, make_module
 from vae_lightning.core.estimators import grid_log_likelihood, sampled_estimates
 from vae_lightning.core.likelihoods import (
     DiscretizedGaussian,
@@ -18,11 +18,6 @@ from vae_lightning.training.lit_module import VAELitModule
 
 D = 3 * 32 * 32
 ALL_VALUES = ((torch.arange(256, dtype=torch.float64) + 0.5) / 256).view(256, 1)
-
-
-def make_module(**kwargs) -> VAELitModule:
-    torch.manual_seed(0)
-    return VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, **kwargs).double()
 
 
 def batch(n: int = 4, dequantized: bool = False) -> torch.Tensor:
@@ -194,7 +189,7 @@ def test_discrete_likelihoods_report_code_lengths():
     x = batch()
     terms = {}
     for kind in ("gaussian", "discretized_gaussian", "logistic_mixture"):
-        module = make_module(sigma=0.2, likelihood={"kind": kind, "num_mixtures": 2})
+        module = make_module(sigma=0.2, kind=kind)
         torch.manual_seed(11)
         terms[kind] = module.compute_terms(x)
     for kind in ("discretized_gaussian", "logistic_mixture"):
@@ -230,15 +225,8 @@ def test_the_latent_grid_scores_any_likelihood():
 
     def grid(sigma_mode: str = "fixed", kind: str = "gaussian") -> torch.Tensor:
         torch.manual_seed(0)
-        likelihood = {"kind": kind, "num_mixtures": 2}
-        module = VAELitModule(
-            arch=MLP,
-            optimizer=ADAM,
-            latent_dim=2,
-            sigma=0.3,
-            sigma_mode=sigma_mode,
-            likelihood=likelihood,
-        ).double()
+        head = head_config(kind, sigma=0.3, sigma_mode=sigma_mode)
+        module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=2, likelihood=head).double()
         return grid_log_likelihood(module.vae, batch(3), 12, 4.0, max_batch=20).log_px
 
     torch.testing.assert_close(grid("per_pixel"), grid("fixed"))
@@ -247,16 +235,16 @@ def test_the_latent_grid_scores_any_likelihood():
 
 
 @pytest.mark.parametrize(
-    ("likelihood", "largest_call"),
+    ("kind", "largest_call"),
     [
-        ({"kind": "gaussian"}, 15),  # 40 latents a call: all 5 samples of the 3 images at once
-        ({"kind": "logistic_mixture", "num_mixtures": 2}, 6),  # 20 outputs for 3: 40 * 3 // 20
+        ("gaussian", 15),  # 40 latents a call: all 5 samples of the 3 images at once
+        ("logistic_mixture", 6),  # 2 mixtures, 20 outputs for 3: 40 * 3 // 20
     ],
 )
-def test_max_batch_bounds_the_decoder_outputs_of_every_head(likelihood, largest_call):
+def test_max_batch_bounds_the_decoder_outputs_of_every_head(kind, largest_call):
     """eval.max_batch counts latents for a head with one output per image value, fewer for a
     head with more, and the estimates do not depend on how the draws are split."""
-    module = make_module(likelihood=likelihood)
+    module = make_module(kind=kind)
     calls = []
     module.vae.decoder.register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
 

@@ -7,17 +7,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributions import Normal
 
-from tests.helpers import ADAM, MLP
+from tests.helpers import ADAM, MLP, make_module
 from vae_lightning.core.elbo import bits_per_dim
 from vae_lightning.core.likelihoods import SIGMA_MIN
 from vae_lightning.training.lit_module import VAELitModule
 
 D = 3 * 32 * 32
-
-
-def make_module(**kwargs) -> VAELitModule:
-    torch.manual_seed(0)
-    return VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, **kwargs).double()
 
 
 def batch(n: int = 6) -> torch.Tensor:

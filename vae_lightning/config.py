@@ -12,11 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from vae_lightning.core.kl_schedule import KINDS as KL_KINDS
-from vae_lightning.core.likelihoods import LIKELIHOODS, SIGMA_MODES
 from vae_lightning.errors import ConfigError
 from vae_lightning.evaluation.fid import NETWORKS
 from vae_lightning.launch.run_files import flatten
 from vae_lightning.training.checkpoints import read_checkpoint
+from vae_lightning.training.lit_module import current_settings
 from vae_lightning.training.loggers import WANDB_MODES, is_log_model_choice
 
 
@@ -97,9 +97,8 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("model.latent_dim", "data.batch_size"):
         value = _get(cfg, key)
         _check(_is_int(value) and value >= 1, key, value, "an integer >= 1")
-    for key in ("model.sigma", "model.optimizer.lr"):
-        value = _get(cfg, key)
-        _check(_is_real(value) and value > 0, key, value, "a number > 0")
+    lr = _get(cfg, "model.optimizer.lr")
+    _check(_is_real(lr) and lr > 0, "model.optimizer.lr", lr, "a number > 0")
     beta = _get(cfg, "model.beta")
     _check(_is_real(beta) and beta >= 0, "model.beta", beta, "a number >= 0")
     free_bits = _get(cfg, "model.free_bits")
@@ -121,7 +120,7 @@ def validate_config(cfg: DictConfig) -> None:
         )
     nonfinite = _get(cfg, "model.nonfinite_loss")
     _check(nonfinite in ("stop", "skip"), "model.nonfinite_loss", nonfinite, "stop or skip")
-    _check_likelihood(cfg)
+    build(cfg, "model.likelihood")  # the head checks its own settings
     _check_objective(cfg)
     workers = _get(cfg, "data.num_workers")
     _check(_is_int(workers) and workers >= 0, "data.num_workers", workers, "an integer >= 0")
@@ -154,24 +153,6 @@ def validate_config(cfg: DictConfig) -> None:
     )
     _check_wandb(cfg)
     _check_checkpoint(cfg)
-
-
-def _check_likelihood(cfg: DictConfig) -> None:
-    mode = _get(cfg, "model.sigma_mode")
-    _check(mode in SIGMA_MODES, "model.sigma_mode", mode, f"one of {', '.join(SIGMA_MODES)}")
-    kind = _get(cfg, "model.likelihood.kind")
-    _check(kind in LIKELIHOODS, "model.likelihood.kind", kind, f"one of {', '.join(LIKELIHOODS)}")
-    if kind == "logistic_mixture":
-        count = _get(cfg, "model.likelihood.num_mixtures")
-        _check(
-            _is_int(count) and count >= 1, "model.likelihood.num_mixtures", count, "an integer >= 1"
-        )
-        if mode != "fixed":
-            raise ConfigError(
-                f"model.sigma_mode={mode} has no meaning with model/likelihood=logistic_mixture: "
-                "the decoder outputs every scale of the mixture. Leave model.sigma_mode at fixed, "
-                "or choose model/likelihood=gaussian or discretized_gaussian."
-            )
 
 
 def _check_objective(cfg: DictConfig) -> None:
@@ -243,7 +224,7 @@ def check_resume_checkpoint(cfg: DictConfig) -> str | None:
     checkpoint = read_checkpoint(path)
     saved = checkpoint["hyper_parameters"]
     wanted = _flat_model_settings(OmegaConf.to_container(cfg.model, resolve=True))
-    found = _flat_model_settings({"likelihood": {"kind": "gaussian"}, **saved})  # older: Gaussian
+    found = _flat_model_settings(current_settings(saved))
     differ = sorted(
         key for key in wanted.keys() | found.keys() if wanted.get(key) != found.get(key)
     )

@@ -18,10 +18,9 @@ from typing import Any
 import torch
 
 from vae_lightning.cli import one_line_errors
-from vae_lightning.core.likelihoods import build_likelihood
 from vae_lightning.files import read_run_file, write_table
 from vae_lightning.launch.run_files import RunFilesNotFoundError, threads
-from vae_lightning.training.checkpoints import read_checkpoint
+from vae_lightning.training.checkpoints import load_model, read_checkpoint
 from vae_lightning.training.lit_module import val_bpd_scores
 
 COLUMNS = {
@@ -128,12 +127,12 @@ def run_name(run: Path) -> str:
     return " ".join(shown) or "(defaults)"
 
 
-def bpd_kind(run: Path) -> str:
-    """What the run's bits/dim are: a code length of the 8-bit images (a discrete likelihood)
-    or the dequantized bound (a density), which rows of one table must not be compared as."""
-    config = read_run_file(run / "config.yaml", required=["model.likelihood.kind"])
-    kind = config["model"]["likelihood"]["kind"]
-    return "code length" if build_likelihood(kind).discrete else "dequantized bound"
+def bpd_kind(run: Path, results: dict[str, Any]) -> str:
+    """What the run's bits/dim are (``VAE.bpd_kind``): as its evaluation recorded, or, for an
+    evaluation written before it did, as its best checkpoint's likelihood says."""
+    if kind := results.get("bpd_kind"):
+        return kind
+    return load_model(best_checkpoint(run), "checkpoint").vae.bpd_kind
 
 
 def table_row(run: Path, results: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +140,7 @@ def table_row(run: Path, results: dict[str, Any]) -> dict[str, Any]:
     hardware = _read_json(run / "hardware.json")
     row = {key: results.get(key) for key in COLUMNS}
     row["run"] = run_name(run)
-    row["bpd_kind"] = bpd_kind(run)
+    row["bpd_kind"] = bpd_kind(run, results)
     params = metrics.get("num_params")
     row["num_params"] = f"{params / 1e6:.2f}" if params else None
     if not metrics:  # train.py writes metrics.json when training has finished
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         runs = run_folders(args.folders)
         for run in runs:  # a damaged run folder is named before any evaluation starts
-            bpd_kind(run)
+            read_run_file(run / "config.yaml")
             best_checkpoint(run)
         rows = [
             table_row(run, evaluation(run, args.num_samples, args.set, args.again)) for run in runs

@@ -1,16 +1,17 @@
 """Decoder likelihoods p(x|z), in the manner of ``torch.distributions``.
 
-A likelihood *head* (an ``nn.Module``, the ``model/likelihood`` config) says how many channels
-the decoder must output and turns that output into a *distribution* over images with
-``log_prob(x)`` (per image, nats, every constant), ``mean`` (the image for grids and PSNR) and
-``sample()``. Images are on [0, 1], where the 8-bit value k owns the bin [k/256, (k+1)/256).
+A likelihood *head* (a ``LikelihoodHead``, chosen by ``_target_`` in the ``model/likelihood``
+config) says how many channels the decoder must output and turns that output into an
+``ImageDistribution`` with ``log_prob(x)`` (per image, nats, every constant), ``mean`` (the image
+for grids and PSNR) and ``sample()``. Images are on [0, 1], where the 8-bit value k owns the bin
+[k/256, (k+1)/256).
 
-- ``gaussian``: a density. Its bits/dim is the dequantized bound (``bits_per_dim`` adds
-  log 256 per dimension).
-- ``discretized_gaussian``: the Gaussian's mass over the value's bin, the outer bins open to
-  +-infinity: the probability of the 8-bit image itself, so its bits/dim is a code length.
-- ``logistic_mixture``: the discretized logistic mixture of PixelCNN++ (Salimans et al. 2017),
-  with the RGB channels conditioned linearly on each other; also a probability.
+- ``GaussianLikelihood``: a density. Its bits/dim is the dequantized bound (``bits_per_dim``
+  adds log 256 per dimension).
+- ``DiscretizedGaussianLikelihood``: the Gaussian's mass over the value's bin, the outer bins
+  open to +-infinity: the probability of the 8-bit image itself, so its bits/dim is a code length.
+- ``LogisticMixtureLikelihood``: the discretized logistic mixture of PixelCNN++ (Salimans et al.
+  2017), with the RGB channels conditioned linearly on each other; also a probability.
 
 The Gaussian heads have the sigma modes ``fixed``, ``learned`` (one sigma), ``optimal`` (sigma^2
 = per-image MSE in the loss, a running mean of it for reporting), ``per_pixel`` (one learned
@@ -20,6 +21,7 @@ mean). Every learned sigma starts at the configured ``sigma``; every sigma has t
 """
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Literal
 
@@ -28,10 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vae_lightning.core.elbo import LOG_2PI, NUM_BINS
+from vae_lightning.errors import ConfigError
 
 SigmaMode = Literal["fixed", "learned", "optimal", "per_pixel", "heteroscedastic"]
 SIGMA_MODES: tuple[str, ...] = ("fixed", "learned", "optimal", "per_pixel", "heteroscedastic")
-LIKELIHOODS: tuple[str, ...] = ("gaussian", "discretized_gaussian", "logistic_mixture")
 SIGMA_MIN = 1e-3
 """Floor on every decoder sigma, so that log sigma stays finite."""
 LOG_SIGMA_MIN = math.log(SIGMA_MIN)
@@ -102,10 +104,66 @@ def standard_logistic_log_density(t: Tensor) -> Tensor:
     return 2 * F.logsigmoid(t) - t
 
 
-class Gaussian:
-    """p(x|z) = prod_i N(x_i | loc_i, sigma_i^2): a density on the real line per dimension."""
+class ImageDistribution(ABC):
+    """p(x|z) for a batch of images, as ``torch.distributions.Distribution`` has it.
 
-    discrete = False
+    ``discrete``: whether ``log_prob`` is the probability of the 8-bit image (its bits/dim is a
+    code length) rather than a density (bits/dim add log 256 per dimension: the dequantized
+    bound). ``scale``: the standard deviation per dimension, where there is one to report.
+    """
+
+    discrete: bool = False
+
+    @abstractmethod
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p(x|z) per image, in nats, every constant included: shape ``(B,)``."""
+
+    @property
+    @abstractmethod
+    def mean(self) -> Tensor:
+        """The image shown for z: reconstructions, samples, PSNR. Shape ``(B, 3, 32, 32)``."""
+
+    @abstractmethod
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """One draw of x per image, on [0, 1]."""
+
+    @property
+    def scale(self) -> Tensor | None:
+        """The standard deviation of each dimension (logged as ``sigma``), or None."""
+        return None
+
+
+class LikelihoodHead(nn.Module, ABC):
+    """A decoder likelihood: ``out_channels`` decoder output channels in, an
+    ``ImageDistribution`` out. ``discrete`` matches the distributions it returns.
+
+    The hooks below have the defaults of a head with no sigma of its own to fit; the Gaussian
+    heads override them.
+    """
+
+    out_channels: int
+    discrete: bool = False
+
+    @abstractmethod
+    def forward(self, decoder_output: Tensor) -> ImageDistribution:
+        """p(x|z) for the decoder's output, of shape ``(B, out_channels, 32, 32)``."""
+
+    def loss_distribution(self, p_x: ImageDistribution, x: Tensor) -> ImageDistribution:
+        """The p(x|z) that the training loss scores images ``x`` with: ``p_x`` itself, unless
+        the head fits it to ``x`` (the Gaussian's ``optimal`` sigma)."""
+        return p_x
+
+    def scalar_log_sigma(self) -> Tensor | None:
+        """The one log sigma of every pixel and image of a Gaussian, if there is one (the grid
+        estimator then needs only squared errors)."""
+        return None
+
+    def update_running_sigma(self, batch_mse: Tensor, accept: Tensor | None = None) -> None:
+        """Follow the training batches' mean squared error, for a head whose sigma does."""
+
+
+class Gaussian(ImageDistribution):
+    """p(x|z) = prod_i N(x_i | loc_i, sigma_i^2): a density on the real line per dimension."""
 
     def __init__(self, loc: Tensor, log_scale: Tensor) -> None:
         self.loc = loc
@@ -153,28 +211,32 @@ class DiscretizedGaussian(Gaussian):
         return bin_centre(bin_index(super().sample(generator)))
 
 
-class GaussianLikelihood(nn.Module):
-    """A Gaussian decoder likelihood (continuous or discretized) with one of ``SIGMA_MODES``.
+class GaussianLikelihood(LikelihoodHead):
+    """A Gaussian decoder likelihood, a density, with one of ``SIGMA_MODES``.
 
     The decoder's output, through ``mean_transform`` (a sigmoid: means in (0, 1)), is the mean;
     in ``heteroscedastic`` mode only its first half is, and its second half is log sigma_i(z),
     offset so that an output of 0 is the configured ``sigma``.
     """
 
+    distribution: type[Gaussian] = Gaussian
+
     def __init__(
         self,
         sigma: float = 0.1,
         sigma_mode: SigmaMode = "fixed",
-        discrete: bool = False,
         sigma_momentum: float = 0.01,
         mean_transform: Callable[[Tensor], Tensor] = torch.sigmoid,
     ) -> None:
         super().__init__()
+        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0:
+            raise ConfigError(f"sigma={sigma!r} is not allowed: sigma must be a number > 0.")
         if sigma_mode not in SIGMA_MODES:
-            raise ValueError(f"sigma_mode must be one of {SIGMA_MODES}, got {sigma_mode!r}")
+            raise ConfigError(
+                f"sigma_mode={sigma_mode!r} is not allowed: sigma_mode must be one of "
+                f"{', '.join(SIGMA_MODES)}."
+            )
         self.sigma_mode = sigma_mode
-        self.distribution = DiscretizedGaussian if discrete else Gaussian
-        self.discrete = discrete
         self.sigma_momentum = sigma_momentum
         self.mean_transform = mean_transform
         self.out_channels = (
@@ -198,20 +260,15 @@ class GaussianLikelihood(nn.Module):
         loc = self.mean_transform(decoder_output)
         return self.distribution(loc, log_sigma.clamp_min(LOG_SIGMA_MIN))
 
-    @property
-    def fits_sigma(self) -> bool:
-        """In ``optimal`` mode the training loss uses ``fitted`` instead of ``forward``."""
-        return self.sigma_mode == "optimal"
-
-    def fitted(self, decoder_output: Tensor, x: Tensor) -> Gaussian:
-        """p(x|z) with sigma^2 = each image's MSE: the calibrated decoder of ``optimal`` mode."""
-        loc = self(decoder_output).loc
-        mse = (x - loc).square().flatten(1).mean(dim=1)
+    def loss_distribution(self, p_x: Gaussian, x: Tensor) -> Gaussian:
+        """In ``optimal`` mode, p(x|z) with sigma^2 = each image's MSE: the calibrated decoder."""
+        if self.sigma_mode != "optimal":
+            return p_x
+        mse = (x - p_x.loc).square().flatten(1).mean(dim=1)
         log_sigma = 0.5 * torch.log(mse.clamp_min(SIGMA_MIN**2))
-        return self.distribution(loc, log_sigma.view(-1, *[1] * (loc.dim() - 1)))
+        return self.distribution(p_x.loc, log_sigma.view(-1, *[1] * (p_x.loc.dim() - 1)))
 
     def scalar_log_sigma(self) -> Tensor | None:
-        """The one log sigma of every pixel and image, if there is one."""
         if self.sigma_mode in ("per_pixel", "heteroscedastic"):
             return None
         return self.log_sigma.clamp_min(LOG_SIGMA_MIN)
@@ -231,7 +288,14 @@ class GaussianLikelihood(nn.Module):
         self.log_sigma.copy_(updated)
 
 
-class DiscretizedLogisticMixture:
+class DiscretizedGaussianLikelihood(GaussianLikelihood):
+    """The Gaussian head scoring each 8-bit value by its bin's mass: a code length."""
+
+    distribution = DiscretizedGaussian
+    discrete = True
+
+
+class DiscretizedLogisticMixture(ImageDistribution):
     """PixelCNN++'s likelihood per pixel: a mixture of M logistics over RGB, where the means of
     G and B depend linearly on the values of R (and G), on the [-1, 1] scale of that paper."""
 
@@ -314,42 +378,21 @@ class DiscretizedLogisticMixture:
         return (torch.stack([r, g, b], dim=1) + 1) / 2
 
 
-class LogisticMixtureLikelihood(nn.Module):
+class LogisticMixtureLikelihood(LikelihoodHead):
     """The discretized logistic mixture head: ``num_mixtures`` x (1 weight + 3 means + 3
     log-scales + 3 channel coefficients) output channels per pixel."""
 
     discrete = True
-    fits_sigma = False
 
     def __init__(self, num_mixtures: int = 10) -> None:
         super().__init__()
-        if num_mixtures < 1:
-            raise ValueError(f"num_mixtures must be >= 1, got {num_mixtures}")
+        if isinstance(num_mixtures, bool) or not isinstance(num_mixtures, int) or num_mixtures < 1:
+            raise ConfigError(
+                f"num_mixtures={num_mixtures!r} is not allowed: num_mixtures must be an "
+                "integer >= 1."
+            )
         self.num_mixtures = num_mixtures
         self.out_channels = 10 * num_mixtures
 
     def forward(self, decoder_output: Tensor) -> DiscretizedLogisticMixture:
         return DiscretizedLogisticMixture(decoder_output, self.num_mixtures)
-
-    def scalar_log_sigma(self) -> None:
-        return None
-
-    def update_running_sigma(self, batch_mse: Tensor, accept: Tensor | None = None) -> None:
-        """Nothing to update: the scales are the decoder's outputs."""
-
-
-Likelihood = GaussianLikelihood | LogisticMixtureLikelihood
-
-
-def build_likelihood(
-    kind: str = "gaussian",
-    sigma: float = 0.1,
-    sigma_mode: SigmaMode = "fixed",
-    num_mixtures: int = 10,
-) -> Likelihood:
-    """The head for a ``model/likelihood`` config (``kind`` and its keys) and the model's sigma."""
-    if kind == "logistic_mixture":
-        return LogisticMixtureLikelihood(num_mixtures)
-    if kind in ("gaussian", "discretized_gaussian"):
-        return GaussianLikelihood(sigma, sigma_mode, discrete=kind == "discretized_gaussian")
-    raise ValueError(f"likelihood kind must be one of {LIKELIHOODS}, got {kind!r}")

@@ -19,7 +19,7 @@ from vae_lightning.core.elbo import (
     kl_per_dimension,
     squared_error,
 )
-from vae_lightning.core.likelihoods import GaussianLikelihood, Likelihood
+from vae_lightning.core.likelihoods import GaussianLikelihood, ImageDistribution, LikelihoodHead
 
 
 class VAEOutput(NamedTuple):
@@ -57,7 +57,7 @@ class VAE(nn.Module):
         encoder: nn.Module,
         decoder: nn.Module,
         latent_dim: int,
-        likelihood: Likelihood | None = None,
+        likelihood: LikelihoodHead | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -75,7 +75,7 @@ class VAE(nn.Module):
         """z = mu + sigma_q * eps with eps ~ N(0, I): a sample that gradients flow through."""
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
-    def observation_model(self, z: Tensor):
+    def observation_model(self, z: Tensor) -> ImageDistribution:
         """p(x|z) for latents ``z`` of shape ``(N, H)``: a distribution over N images."""
         return self.likelihood(self.decoder(z))
 
@@ -97,6 +97,11 @@ class VAE(nn.Module):
         ``num_dims`` dimensions: a code length for a discrete likelihood, the dequantized bound
         for a density."""
         return bits_per_dim(log_px, num_dims, 1 if self.likelihood.discrete else NUM_BINS)
+
+    @property
+    def bpd_kind(self) -> str:
+        """What ``bits_per_dim`` is, which rows of one table must not be compared across."""
+        return "code length" if self.likelihood.discrete else "dequantized bound"
 
     def elbo_terms(
         self,
@@ -125,11 +130,8 @@ class VAE(nn.Module):
         x_k = x if k == 1 else x.expand(k, *x.shape).flatten(0, 1)
         p_x = self.likelihood(out)
         log_px_z = p_x.log_prob(x_k)
-        fit = (
-            self.likelihood.fitted(out, x_k).log_prob(x_k)
-            if self.likelihood.fits_sigma
-            else log_px_z
-        )
+        p_loss = self.likelihood.loss_distribution(p_x, x_k)
+        fit = log_px_z if p_loss is p_x else p_loss.log_prob(x_k)
         kl_per_dim = kl_per_dimension(mu, logvar)
         kl = kl_per_dim.sum(dim=1)
         if iwae_samples is not None:
@@ -145,7 +147,7 @@ class VAE(nn.Module):
             loss = -fit + beta * loss_kl
         log_px_z = log_px_z.view(k, -1).mean(dim=0)
         elbo = log_px_z - kl
-        sigma = getattr(p_x, "scale", None)
+        sigma = p_x.scale
         return ELBOTerms(
             loss=loss,
             log_likelihood=log_px_z,

@@ -47,7 +47,7 @@ def likelihood_metrics(
     grid_limit: float,
     active_threshold: float,
     prior_sampling: bool = True,
-) -> dict[str, float | list[float]]:
+) -> dict[str, float | str | list[float]]:
     """ELBO, IWAE, (``prior_sampling``) prior-sampling and (H <= 2) grid estimates of log p(x),
     in nats per image and bits/dim; reconstruction MSE/PSNR/SSIM at z = mu; active units and
     KL per latent dim."""
@@ -86,7 +86,8 @@ def likelihood_metrics(
         add("grid", grid.log_px)
     n = len(images)
     means = {name: (total / n).item() for name, total in sums.items()}
-    results: dict[str, float | list[float]] = {"num_images": n, "num_samples": num_samples}
+    results: dict[str, float | str | list[float]] = {"num_images": n, "num_samples": num_samples}
+    results["bpd_kind"] = vae.bpd_kind
     for name in ("elbo", "iwae", "prior_sampling", "grid"):
         if name in means:
             results[f"{name}_nats"] = means[name]

@@ -2,6 +2,7 @@
 checkpoint's name), and read from anywhere as weights only (unpickling one never runs code),
 checked before any work, so that a damaged or foreign file costs one line, not an hour."""
 
+import os
 import pickle
 import zipfile
 from collections.abc import Iterator
@@ -13,14 +14,23 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vae_lightning.errors import UserError, first_line
 from vae_lightning.files import torch_save_atomically
-from vae_lightning.training.lit_module import VAELitModule
+from vae_lightning.training.lit_module import VAELitModule, current_settings
 
 MODEL_SETTINGS = ("arch", "optimizer", "latent_dim")
 """Settings every ``VAELitModule`` checkpoint holds under ``hyper_parameters``."""
 
 TRUSTED_TARGETS = ("vae_lightning.", "torch.nn.", "torch.optim.")
-"""The only modules a checkpoint's ``_target_`` settings may name: building the model imports
+"""The modules a checkpoint's ``_target_`` settings may always name: building the model imports
 and calls them, so a name from elsewhere could run any code."""
+
+TRUSTED_MODULES_VARIABLE = "VAE_LIGHTNING_TRUSTED_MODULES"
+"""Names the user's own modules (comma-separated) that checkpoints may name besides."""
+
+
+def trusted_targets() -> tuple[str, ...]:
+    """``TRUSTED_TARGETS`` and the modules named in ``VAE_LIGHTNING_TRUSTED_MODULES``."""
+    own = os.environ.get(TRUSTED_MODULES_VARIABLE, "").split(",")
+    return TRUSTED_TARGETS + tuple(f"{name.strip()}." for name in own if name.strip())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -106,11 +116,14 @@ def load_model(path: str | Path, setting: str = "ckpt_path") -> VAELitModule:
     ``TRUSTED_TARGETS``, and one whose weights do not fit the model its settings describe."""
     checkpoint = read_checkpoint(path, setting)
     where = f"{setting}={path}"
-    settings = checkpoint["hyper_parameters"]
-    if foreign := sorted(t for t in _targets(settings) if not t.startswith(TRUSTED_TARGETS)):
+    settings = current_settings(checkpoint["hyper_parameters"])
+    if foreign := sorted(t for t in _targets(settings) if not t.startswith(trusted_targets())):
+        modules = ", ".join(t.rstrip(".") for t in trusted_targets())
         raise CheckpointError(
             f"{where} names {', '.join(foreign)} in its settings; a checkpoint may only name "
-            f"classes of {', '.join(t.rstrip('.') for t in TRUSTED_TARGETS)}, so it was not built"
+            f"classes of {modules}, so it was not built. A module of your own is trusted when "
+            f"{TRUSTED_MODULES_VARIABLE} names it ({TRUSTED_MODULES_VARIABLE}="
+            f"{foreign[0].split('.')[0]})"
         )
     try:
         model = VAELitModule(**settings)

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from vae_lightning.core.kl_schedule import KLSchedule
-from vae_lightning.core.likelihoods import SigmaMode, build_likelihood
 from vae_lightning.core.vae import VAE
 from vae_lightning.errors import UserError
 from vae_lightning.training.step_rows import DeviceRows
@@ -46,6 +45,14 @@ DIVERGED_BPD = 1.0
 epochs is 0.01 to 0.05 bpd): the run has diverged, with or without a NaN."""
 
 
+DEFAULT_LIKELIHOOD = "vae_lightning.core.likelihoods.GaussianLikelihood"
+LIKELIHOOD_KINDS = {
+    "gaussian": DEFAULT_LIKELIHOOD,
+    "discretized_gaussian": "vae_lightning.core.likelihoods.DiscretizedGaussianLikelihood",
+    "logistic_mixture": "vae_lightning.core.likelihoods.LogisticMixtureLikelihood",
+}
+"""The heads that checkpoints written before heads were chosen by ``_target_`` name by kind."""
+
 FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 """Optimizers with a fused kernel on CUDA and CPU that takes a ``found_inf`` flag."""
 
@@ -61,9 +68,11 @@ class VAELitModule(L.LightningModule):
     ``arch`` holds ``encoder`` and ``decoder`` configs (``_target_`` + kwargs, without the latent
     size) and optionally ``channels_last`` (convolutions in NHWC layout, faster on GPUs);
     ``optimizer`` is a partial optimizer config, so the module is rebuilt from its checkpoint's
-    hyperparameters alone. ``likelihood`` is the ``model/likelihood`` config (``kind`` and its
-    keys; ``build_likelihood``), with the model's ``sigma`` and ``sigma_mode``. ``compile``
-    compiles encoder and decoder with ``torch.compile``.
+    hyperparameters alone. ``likelihood`` is the likelihood head's config (``_target_`` + kwargs,
+    a ``LikelihoodHead``); ``likelihood_shortcuts`` are the settings a ``model/likelihood`` file
+    puts beside it so that each is one short key to override (``model.sigma``): the head reads
+    them by interpolation, and the module keeps them only among its hyperparameters.
+    ``compile`` compiles encoder and decoder with ``torch.compile``.
     A NaN or infinite loss skips its update on every rank, then stops training with
     ``NonFiniteLossError`` (``nonfinite_loss="stop"``) or goes on (``"skip"``), at the next
     logging step or checkpoint (``_read_steps``). ``kl_schedule`` varies beta over the steps
@@ -76,8 +85,6 @@ class VAELitModule(L.LightningModule):
         arch: Mapping[str, Any],
         optimizer: Mapping[str, Any],
         latent_dim: int = 32,
-        sigma: float = 0.1,
-        sigma_mode: SigmaMode = "fixed",
         likelihood: Mapping[str, Any] | None = None,
         objective: str = "elbo",
         iwae_samples: int = 8,
@@ -87,14 +94,15 @@ class VAELitModule(L.LightningModule):
         skip_grad_norm: float | None = None,
         compile: bool = False,
         nonfinite_loss: str = "stop",
+        **likelihood_shortcuts: Any,
     ) -> None:
         super().__init__()
         # Plain containers, so that checkpoints load with torch.load(weights_only=True).
         arch, optimizer = _to_plain(arch), _to_plain(optimizer)
         kl_schedule = _to_plain(kl_schedule or {})
-        likelihood = _to_plain(likelihood or {"kind": "gaussian"})
+        likelihood = _to_plain(likelihood or {"_target_": DEFAULT_LIKELIHOOD})
         self.save_hyperparameters(logger=False)  # reads the arguments' current local values
-        head = build_likelihood(sigma=sigma, sigma_mode=sigma_mode, **likelihood)
+        head = instantiate(likelihood)
         self.vae = VAE(
             encoder=instantiate(arch["encoder"], latent_dim=latent_dim),
             decoder=instantiate(
@@ -217,9 +225,8 @@ class VAELitModule(L.LightningModule):
             if self._update_finite is not None:  # accumulating gradients
                 finite = finite & self._update_finite
             self._update_finite = finite
-            if self.vae.likelihood.fits_sigma:
-                mse = sums[self._step_names.index("recon_mse")] / sums[-1]
-                self.vae.likelihood.update_running_sigma(mse, accept=finite)
+            mse = sums[self._step_names.index("recon_mse")] / sums[-1]
+            self.vae.likelihood.update_running_sigma(mse, accept=finite)
         return loss
 
     def _global_sums(self, terms: dict[str, Tensor]) -> Tensor:
@@ -477,6 +484,28 @@ class VAELitModule(L.LightningModule):
         if make.func in FUSED_OPTIMIZERS and not chosen and self.device.type in ("cuda", "cpu"):
             fused["fused"] = True
         return make(params=self.parameters(), **fused)
+
+
+def current_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model settings as this version writes them: a ``likelihood`` chosen by
+    ``kind``, with ``sigma`` and ``sigma_mode`` among every model's settings, becomes the
+    head's ``_target_`` config, the Gaussian's sigma settings kept beside it."""
+    likelihood = saved.get("likelihood") or {"kind": "gaussian"}
+    kind = likelihood.get("kind", "gaussian")
+    if "_target_" in likelihood or kind not in LIKELIHOOD_KINDS:
+        return saved
+    settings = dict(saved)
+    if kind == "logistic_mixture":
+        settings.pop("sigma", None)
+        settings.pop("sigma_mode", None)
+        head = {"num_mixtures": likelihood.get("num_mixtures", 10)}
+    else:
+        head = {
+            "sigma": settings.setdefault("sigma", 0.1),
+            "sigma_mode": settings.setdefault("sigma_mode", "fixed"),
+        }
+    settings["likelihood"] = {"_target_": LIKELIHOOD_KINDS[kind], **head}
+    return settings
 
 
 def val_bpd_scores(checkpoint: dict[str, Any], key: str) -> list[float]:
