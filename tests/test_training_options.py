@@ -33,7 +33,7 @@ def test_cyclical_annealing_rises_over_the_first_ratio_of_each_cycle():
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ({"kind": "cosine"}, "kind='cosine': it must be one of constant, linear, cyclical"),
+        ({"kind": "cosine"}, "kind='cosine' is not allowed: kind must be one of constant, linear"),
         ({"warmup_steps": 0}, "warmup_steps=0"),
         ({"cycles": 0}, "cycles=0"),
         ({"ratio": 0.0}, "ratio=0.0"),

@@ -1,6 +1,7 @@
 """Checks of the composed config, so that bad settings fail before any data or model is built."""
 
 import re
+from collections.abc import Callable
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -11,18 +12,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from vae_lightning.core.kl_schedule import KINDS as KL_KINDS
+from vae_lightning.core.kl_schedule import KLSchedule
 from vae_lightning.errors import ConfigError
-from vae_lightning.evaluation.fid import NETWORKS
+from vae_lightning.evaluation.fid import check_network
 from vae_lightning.launch.run_files import flatten
 from vae_lightning.training.checkpoints import read_checkpoint
 from vae_lightning.training.lit_module import current_settings
-from vae_lightning.training.loggers import WANDB_MODES, is_log_model_choice
+from vae_lightning.training.loggers import check_wandb_settings
 
 
 def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` of the node at ``key``; a constructor that refuses its
-    settings raises ``ConfigError`` naming the node and the constructor's reason."""
+    settings raises ``ConfigError``: the constructor's own, its setting named by its full key,
+    when it raised one; else one naming the node and the constructor's reason."""
     node = OmegaConf.select(cfg, key)
     try:
         return instantiate(node, **kwargs)
@@ -33,10 +35,45 @@ def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
             if nested := re.search(r"target '([^']+)'", str(reason)):
                 target = nested.group(1)  # a nested object (an encoder, say) refused
             reason = reason.__cause__
+        if isinstance(reason, ConfigError) and (keyed := _with_full_key(str(reason), node, key)):
+            raise ConfigError(keyed) from None
         raise ConfigError(
             f"{key} was refused by {target}: {type(reason).__name__}: {str(reason).rstrip('.')}. "
             f"Fix the {key}.* settings (python -m vae_lightning.train --cfg job shows them)."
         ) from None
+
+
+def check_settings(cfg: DictConfig, key: str, constructor: Callable[..., Any]) -> None:
+    """Build ``constructor`` from the settings at ``key``, as the model will: the one place
+    their values are checked, run before any work. Its ``ConfigError`` names the full key."""
+    node = OmegaConf.select(cfg, key)
+    try:
+        constructor(**OmegaConf.to_container(node, resolve=True))
+    except ConfigError as err:
+        keyed = _with_full_key(str(err), node, key)
+        if keyed is None:
+            raise
+        raise ConfigError(keyed) from None
+
+
+def _with_full_key(message: str, node: Any, key: str) -> str | None:
+    """A constructor's ``ConfigError`` message that starts with ``setting=``, a setting of the
+    node at ``key``, with the setting named by the key a user sets it by: its full key, or the
+    key it is interpolated from (``${..sigma}`` in ``model.likelihood`` is ``model.sigma``)."""
+    found = re.match(r"(\w+)=", message)
+    if not found or not isinstance(node, DictConfig) or found.group(1) not in node:
+        return None
+    setting = found.group(1)
+    raw = OmegaConf.to_container(node, resolve=False)[setting]
+    source = re.fullmatch(r"\$\{(\.*)([\w.]+)\}", raw) if isinstance(raw, str) else None
+    if source is None:
+        full_key = f"{key}.{setting}"
+    elif not source.group(1):  # an absolute interpolation
+        full_key = source.group(2)
+    else:
+        parts = key.split(".")
+        full_key = ".".join([*parts[: len(parts) - len(source.group(1)) + 1], source.group(2)])
+    return re.sub(rf"\b{setting}\b", full_key, message)
 
 
 def _get(cfg: DictConfig, key: str):
@@ -69,7 +106,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     """Like ``validate_config``, for ``vae_lightning.evaluate``."""
     _check_checkpoint(cfg)
     network = _get(cfg, "eval.fid.network")
-    _check(network in NETWORKS, "eval.fid.network", network, "tf_inception or torch_fidelity")
+    check_network(network)
     for key in ("eval.fid.num_samples", "eval.fid.batch_size"):
         value = _get(cfg, key)
         _check(_is_int(value) and value >= 2, key, value, "an integer >= 2")
@@ -108,7 +145,7 @@ def validate_config(cfg: DictConfig) -> None:
         skip is None or (_is_real(skip) and skip > 0), "model.skip_grad_norm", skip, "null or > 0"
     )
     kind = _get(cfg, "model.kl_schedule.kind")
-    _check(kind in KL_KINDS, "model.kl_schedule.kind", kind, f"one of {', '.join(KL_KINDS)}")
+    check_settings(cfg, "model.kl_schedule", KLSchedule)
     if (
         kind == "cyclical"
         and _get(cfg, "trainer.max_epochs") == -1
@@ -178,12 +215,11 @@ def _check_objective(cfg: DictConfig) -> None:
 
 
 def _check_wandb(cfg: DictConfig) -> None:
-    mode = OmegaConf.select(cfg, "logger.wandb.mode")
-    if mode is not None:
-        _check(mode in WANDB_MODES, "logger.wandb.mode", mode, f"one of {WANDB_MODES}")
-    log_model = OmegaConf.select(cfg, "logger.wandb.log_model", default=False)
-    allowed = "false, true or all"
-    _check(is_log_model_choice(log_model), "logger.wandb.log_model", log_model, allowed)
+    if OmegaConf.select(cfg, "logger.wandb") is not None:
+        check_wandb_settings(
+            _get(cfg, "logger.wandb.mode"),
+            OmegaConf.select(cfg, "logger.wandb.log_model", default=False),
+        )
 
 
 RESUMABLE_CHANGES = (

@@ -11,6 +11,8 @@ Reported ELBOs never use it: they always weigh the KL with 1.
 
 from dataclasses import dataclass
 
+from vae_lightning.errors import ConfigError
+
 KINDS = ("constant", "linear", "cyclical")
 
 
@@ -23,16 +25,16 @@ class KLSchedule:
     ratio: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind={self.kind!r}: it must be one of {', '.join(KINDS)}")
-        if not self.start >= 0.0:
-            raise ValueError(f"start={self.start!r}: it must be a number >= 0")
-        if type(self.warmup_steps) is not int or self.warmup_steps < 1:
-            raise ValueError(f"warmup_steps={self.warmup_steps!r}: it must be an integer >= 1")
-        if type(self.cycles) is not int or self.cycles < 1:
-            raise ValueError(f"cycles={self.cycles!r}: it must be an integer >= 1")
-        if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"ratio={self.ratio!r}: it must be in (0, 1]")
+        def check(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                value = getattr(self, name)
+                raise ConfigError(f"{name}={value!r} is not allowed: {name} must be {allowed}.")
+
+        check(self.kind in KINDS, "kind", f"one of {', '.join(KINDS)}")
+        check(_is_number(self.start) and self.start >= 0.0, "start", "a number >= 0")
+        check(_is_count(self.warmup_steps), "warmup_steps", "an integer >= 1")
+        check(_is_count(self.cycles), "cycles", "an integer >= 1")
+        check(_is_number(self.ratio) and 0.0 < self.ratio <= 1.0, "ratio", "in (0, 1]")
 
     def __call__(self, step: int, beta: float, total_steps: float) -> float:
         """beta at ``step`` of a run of ``total_steps`` steps (used by ``cyclical`` only)."""
@@ -45,3 +47,11 @@ class KLSchedule:
             position = (step % cycle_length) / cycle_length
             progress = min(position / self.ratio, 1.0)
         return self.start + (beta - self.start) * progress
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 1

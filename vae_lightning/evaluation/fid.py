@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from vae_lightning.data.cifar10 import BASE_FOLDER, TEST_FILES, TRAIN_FILES, read_cifar10
-from vae_lightning.errors import UserError, first_line
+from vae_lightning.errors import ConfigError, UserError, first_line
 from vae_lightning.evaluation.pass_progress import PassProgress
 from vae_lightning.files import torch_save_atomically, write_text_atomically
 
@@ -160,6 +160,15 @@ class ScriptedExtractor(nn.Module):
         return self.net(images.float() / 255.0)
 
 
+def check_network(network: str) -> None:
+    """``eval.fid.network`` is one of ``NETWORKS``."""
+    if network not in NETWORKS:
+        raise ConfigError(
+            f"eval.fid.network={network!r} is not allowed: eval.fid.network must be one of "
+            f"{', '.join(NETWORKS)}."
+        )
+
+
 def build_extractor(
     network: str,
     feature_extractor: str | None = None,
@@ -171,8 +180,7 @@ def build_extractor(
     weights file, or TF-Inception's ``default_1.pt``), checked on two images. Raises
     ``FIDUnavailableError`` when the default weights cannot be had, ``FIDNetworkError`` (naming
     the file's setting, as ``settings`` calls it) when a given file is unfit."""
-    if network not in NETWORKS:
-        raise ValueError(f"eval.fid.network must be one of {NETWORKS}, got {network!r}")
+    check_network(network)
     given = "feature_extractor" if feature_extractor else "inception_weights"
     path = feature_extractor or inception_weights
     where = f"{settings[given]}={path}" if path else f"the {network} network"

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from vae_lightning.errors import ConfigError
 from vae_lightning.files import read_run_file
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,19 @@ BEST_OF = {"val/bpd": "min", "val/elbo": "max"}
 """Metrics whose W&B summary is their best value over the run rather than their last."""
 
 
-def is_log_model_choice(value: Any) -> bool:
-    """``logger.wandb.log_model``: false, true (checkpoints as artifacts at the end) or all."""
-    return isinstance(value, bool) or value == "all"
+def check_wandb_settings(mode: str, log_model: bool | str = False) -> None:
+    """``logger.wandb.mode`` is one of ``WANDB_MODES``; ``logger.wandb.log_model`` is false,
+    true (checkpoints as artifacts at the end) or all."""
+    if mode not in WANDB_MODES:
+        raise ConfigError(
+            f"logger.wandb.mode={mode!r} is not allowed: logger.wandb.mode must be one of "
+            f"{', '.join(WANDB_MODES)}."
+        )
+    if not (isinstance(log_model, bool) or log_model == "all"):
+        raise ConfigError(
+            f"logger.wandb.log_model={log_model!r} is not allowed: logger.wandb.log_model must "
+            "be false, true or all."
+        )
 
 
 def _wandb_host() -> str:
@@ -78,8 +89,7 @@ def resolve_wandb_mode(mode: str = "auto") -> tuple[str, str | None]:
 
 def choose_wandb_mode(mode: str, save_dir: str | Path) -> str:
     """``resolve_wandb_mode``, saying in one line (rank 0) when and why it goes offline."""
-    if mode not in WANDB_MODES:
-        raise ValueError(f"logger.wandb.mode must be one of {WANDB_MODES}, got {mode!r}")
+    check_wandb_settings(mode)
     mode, reason = resolve_wandb_mode(mode)
     if reason and rank_zero_only.rank == 0:
         log.warning(
@@ -206,8 +216,7 @@ def wandb_logger(
     the agent's run: the run id, project, name and group are the sweep's. The run id is fixed
     before W&B starts, so that a run that falls back to offline keeps it.
     """
-    if not is_log_model_choice(log_model):
-        raise ValueError(f"logger.wandb.log_model must be false, true or all, got {log_model!r}")
+    check_wandb_settings(mode, log_model)
     mode = choose_wandb_mode(mode, save_dir)
     sweep = os.environ.get("WANDB_SWEEP_ID")
     if sweep:
