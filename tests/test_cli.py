@@ -44,6 +44,7 @@ from vae_lightning.errors import ConfigError, UserError
 from vae_lightning.launch.hydra_callbacks import JobFailed
 from vae_lightning.report import write_report
 from vae_lightning.training.checkpoints import read_checkpoint
+from vae_lightning.training.progress_bars import significant
 
 pytestmark = pytest.mark.cli
 
@@ -74,6 +75,18 @@ def test_defaults_train_and_log_to_wandb_offline(cifar_dir, tmp_path):
     assert cfg["run_group"] is None
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["epoch"] == 19 and checkpoint["hyper_parameters"]["latent_dim"] == 32
+    # a CSV beside W&B, with the same history
+    assert [float(r["val/bpd"]) for r in metrics_csv(run) if r["val/bpd"]] == val_bpd
+    # the model summary: the VAE's parameters and FLOPs per image, not the metric objects
+    lines = [line.split("│") for line in proc.stdout.splitlines() if line.startswith("│ ")]
+    rows = [cells for cells in lines if cells[1].strip().isdigit()]
+    assert [cells[2].strip() for cells in rows] == ["vae", "eval_metrics"]
+    flops = rows[0][6].strip()
+    assert flops.endswith("M") and float(flops[:-1]) > 1  # sizes from an example pass
+    # the test metrics: one line, four significant digits, units
+    (line,) = [line for line in out.splitlines() if "Test of the best checkpoint:" in line]
+    assert f"test/bpd {significant(metrics['test/bpd'])} bits/dim |" in line
+    assert "Test metric" not in out  # Lightning's table of 17-digit values
 
 
 def test_overrides_reach_the_model_and_every_metric_is_logged(cifar_dir, tmp_path):

@@ -25,7 +25,16 @@ from tests.helpers import (
 from vae_lightning.config import check_resume_checkpoint
 from vae_lightning.errors import ConfigError
 from vae_lightning.launch.run_files import RunFilesNotFoundError
-from vae_lightning.report import load_jobs, swept_parameters, write_report
+from vae_lightning.report import (
+    axis_label,
+    best_job,
+    fixed_settings,
+    load_jobs,
+    plot_metric,
+    swept_parameters,
+    table_rows,
+    write_report,
+)
 from vae_lightning.results import best_checkpoint, bpd_kind, evaluation, saved_val_bpd, table_row
 from vae_lightning.training.checkpoints import load_model
 from vae_lightning.training.lit_module import current_settings
@@ -216,15 +225,39 @@ def test_report_marks_jobs_without_metrics(tmp_path):
         (tmp_path / job / ".hydra" / "overrides.yaml").write_text(
             f"- model.latent_dim={latent_dim}\n- model/arch=conv\n"
         )
-    (tmp_path / "0" / "metrics.json").write_text(json.dumps({"val/bpd": 5.5, "test/bpd": 5.6}))
+    metrics = {"val/bpd_best": 5.4, "val/bpd": 5.5, "test/bpd": 5.6, "fit_seconds": 90.0}
+    (tmp_path / "0" / "metrics.json").write_text(json.dumps(metrics))
     report = write_report(tmp_path)
     assert {p.name for p in report.files} >= {
         "report.md",
         "report.csv",
-        "val_bpd_vs_model.latent_dim.png",
+        "val_bpd_best_vs_model.latent_dim.png",
     }
     table = (tmp_path / "report.md").read_text()
-    assert "| 0 | 4 | 5.5000 |" in table and "without metrics.json" in table and ": 1" in table
+    assert table.startswith("| job | model.latent_dim | val/bpd_best | val/bpd |")
+    assert "| 0 | 4 | 5.4000 | 5.5000 |" in table and "| 1.5000 |" in table  # 90 s
+    assert "without metrics.json" in table and ": 1" in table
+
+
+def test_report_compares_by_the_best_val_bpd_with_units_titles_and_a_log_latent_axis(tmp_path):
+    jobs = [
+        {"job": str(i), "overrides": {"model.latent_dim": h, "seed": 3}, "metrics": m}
+        for i, (h, m) in enumerate([(16, {"val/bpd_best": 5.2}), (32, {"val/bpd_best": 5.0})])
+    ]
+    rows = table_rows(jobs, ["model.latent_dim"])
+    assert best_job(rows).strip() == ("Best by val/bpd_best (what sweeps minimize): job 1, 5.0000.")
+    figure = plot_metric(
+        rows,
+        "val/bpd_best",
+        "model.latent_dim",
+        [],
+        tmp_path / "p.png",
+        fixed_settings(jobs, ["model.latent_dim"]),
+    )
+    (axes,) = figure.axes
+    assert axes.get_ylabel() == "val/bpd_best (bits/dim)" and axes.get_xscale() == "log"
+    assert axes.get_title() == "seed=3"  # what every job shared
+    assert axis_label("test/elbo") == "test/elbo (nats/image)"
 
 
 def test_the_results_table_evaluates_each_run_once(cifar_dir, trained_2d, tmp_path):

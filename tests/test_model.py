@@ -10,6 +10,7 @@ from torch.distributions import Normal
 from tests.helpers import ADAM, MLP, make_module
 from vae_lightning.core.elbo import bits_per_dim
 from vae_lightning.core.likelihoods import SIGMA_MIN
+from vae_lightning.training.callbacks import side_by_side
 from vae_lightning.training.lit_module import VAELitModule
 
 D = 3 * 32 * 32
@@ -233,3 +234,17 @@ def test_the_best_val_bpd_so_far_travels_with_the_checkpoint():
     assert resumed.best_val_bpd == pytest.approx(6.8632)
     resumed.on_load_checkpoint({"state_dict": module.state_dict()})
     assert resumed.best_val_bpd == math.inf
+
+
+def test_the_forward_pass_reconstructs_at_mu_and_draws_no_random_numbers():
+    """Lightning's model summary runs it on an example input: it must leave a run's random
+    stream as it was. Training and evaluation grids lay reconstructions out alike."""
+    module = make_module()
+    x = batch()
+    state = torch.get_rng_state()
+    reconstruction = module(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    mu = module.vae.encode(x)[0]
+    torch.testing.assert_close(reconstruction, torch.sigmoid(module.vae.decoder(mu)))
+    pairs = side_by_side(x, reconstruction)
+    assert torch.equal(pairs[0::2], x) and torch.equal(pairs[1::2], reconstruction)

@@ -33,6 +33,7 @@ from vae_lightning.evaluation.metrics import fid_scores, likelihood_metrics, sav
 from vae_lightning.files import read_run_file, write_text_atomically
 from vae_lightning.launch.plugins import check_plugins
 from vae_lightning.launch.run_files import save_resolved_config
+from vae_lightning.training.callbacks import GRID_CAPTIONS
 from vae_lightning.training.checkpoints import load_model
 from vae_lightning.training.lit_module import VAELitModule
 from vae_lightning.training.loggers import start_eval_run
@@ -176,7 +177,8 @@ def evaluate(cfg: DictConfig, model: VAELitModule) -> dict[str, Any]:
         import wandb
 
         scalars = {f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)}
-        run.log(scalars | {f"eval/{p.stem}": wandb.Image(str(p)) for p in grids})
+        images = {p.stem: wandb.Image(str(p), caption=GRID_CAPTIONS[p.stem]) for p in grids}
+        run.log(scalars | {f"eval/{name}": image for name, image in images.items()})
         run.summary.update(scalars)
         run.finish()
     log.info(f"Results: {output_dir / 'eval.json'}")

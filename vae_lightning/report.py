@@ -1,9 +1,10 @@
 """Summarize a sweep from disk: ``python -m vae_lightning.report <multirun folder>``.
 
 Writes ``report.md``, ``report.csv`` and one PNG plot per metric and swept parameter (one line per
-combination of the other swept parameters) into the multirun folder, and prints the table. When the
-sweep's jobs logged to W&B, the table (a W&B Table) and the plots also go to a W&B run of the
-sweep's group (``--no-wandb``: not).
+combination of the other swept parameters, titled with the settings all jobs share) into the
+multirun folder, and prints the table. Jobs are compared by ``val/bpd_best``, what sweeps
+minimize. When the sweep's jobs logged to W&B, the table (a W&B Table) and the plots also go to a
+W&B run of the sweep's group (``--no-wandb``: not).
 """
 
 import argparse
@@ -16,10 +17,12 @@ from matplotlib.figure import Figure
 
 from vae_lightning.cli import one_line_errors
 from vae_lightning.files import read_run_file, write_table
-from vae_lightning.launch.run_files import RunFilesNotFoundError
+from vae_lightning.launch.run_files import NOT_RESULT_SETTINGS, RunFilesNotFoundError
+from vae_lightning.training.lit_module import UNITS
 from vae_lightning.training.loggers import choose_wandb_mode
 
 METRICS = (
+    "val/bpd_best",
     "val/bpd",
     "val/elbo",
     "val/kl",
@@ -29,7 +32,10 @@ METRICS = (
     "test/kl",
     "test/recon_mse",
 )
-PLOTTED = ("val/bpd", "test/bpd", "test/elbo", "test/kl", "test/recon_mse")
+PLOTTED = ("val/bpd_best", "test/bpd", "test/elbo", "test/kl", "test/recon_mse")
+COMPARED_BY = "val/bpd_best"
+COSTS = {"num_params": "params (M)", "fit_seconds": "train time (min)"}
+SCALES = {"num_params": 1e-6, "fit_seconds": 1 / 60}
 
 
 def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -48,7 +54,12 @@ def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         config = read_run_file(config_file) if config_file.is_file() else {}
         wandb = (config.get("logger") or {}).get("wandb")
         jobs.append(
-            {"job": job_dir.name, "overrides": overrides, "metrics": metrics, "wandb": wandb}
+            {
+                "job": job_dir.name,
+                "overrides": overrides,
+                "metrics": metrics,
+                "wandb": wandb,
+            }
         )
     return sorted(jobs, key=lambda j: int(j["job"]) if j["job"].isdigit() else j["job"])
 
@@ -62,16 +73,61 @@ def swept_parameters(jobs: list[dict[str, Any]]) -> list[str]:
 
 
 def table_rows(jobs: list[dict[str, Any]], params: list[str]) -> list[dict[str, Any]]:
-    return [
-        {"job": j["job"]}
-        | {p: j["overrides"].get(p) for p in params}
-        | {m: j["metrics"].get(m) for m in METRICS}
-        for j in jobs
+    """Per job: its swept parameters, ``METRICS``, then what it cost (``COSTS``)."""
+    rows = []
+    for job in jobs:
+        metrics = job["metrics"]
+        costs = {
+            label: metrics[key] * SCALES[key] if key in metrics else None
+            for key, label in COSTS.items()
+        }
+        rows.append(
+            {"job": job["job"]}
+            | {p: job["overrides"].get(p) for p in params}
+            | {m: metrics.get(m) for m in METRICS}
+            | costs
+        )
+    return rows
+
+
+def fixed_settings(jobs: list[dict[str, Any]], params: list[str]) -> str:
+    """The overrides every job shares that change results, for the plots' titles."""
+    shared = [
+        f"{key}={value}"
+        for key, value in sorted(jobs[0]["overrides"].items())
+        if key not in params
+        and not key.startswith(NOT_RESULT_SETTINGS)
+        and all(j["overrides"].get(key) == value for j in jobs)
     ]
+    return ", ".join(shared) or "defaults"
 
 
-def plot_metric(rows: list[dict[str, Any]], metric: str, param: str, others: list[str], path: Path):
-    """``metric`` against ``param``, one line per combination of the ``others``."""
+def best_job(rows: list[dict[str, Any]]) -> str:
+    """The line under the table naming the job with the lowest ``COMPARED_BY``."""
+    scored = [row for row in rows if row[COMPARED_BY] is not None]
+    if not scored:
+        return ""
+    best = min(scored, key=lambda row: row[COMPARED_BY])
+    value = best[COMPARED_BY]
+    return f"\nBest by {COMPARED_BY} (what sweeps minimize): job {best['job']}, {value:.4f}.\n"
+
+
+def axis_label(metric: str) -> str:
+    """``val/bpd_best`` -> ``val/bpd_best (bits/dim)``."""
+    name = metric.split("/")[-1].removesuffix("_best")
+    return f"{metric} ({UNITS[name]})" if name in UNITS else metric
+
+
+def plot_metric(
+    rows: list[dict[str, Any]],
+    metric: str,
+    param: str,
+    others: list[str],
+    path: Path,
+    title: str = "",
+) -> Figure:
+    """``metric`` against ``param``, one line per combination of the ``others``; a log axis for
+    latent sizes and for values spanning a factor of 8 or more."""
     values = sorted({row[param] for row in rows}, key=lambda v: (isinstance(v, str), v))
     numeric = all(isinstance(v, int | float) for v in values)
     fig = Figure(figsize=(5, 3.5))
@@ -86,17 +142,22 @@ def plot_metric(rows: list[dict[str, Any]], metric: str, param: str, others: lis
         xs = [p[0] if numeric else values.index(p[0]) for p in points]
         label = ", ".join(f"{o}={v}" for o, v in zip(others, combo, strict=True)) or None
         ax.plot(xs, [p[1] for p in points], marker="o", label=label)
-    if numeric and all(v > 0 for v in values) and max(values) / min(values) >= 8:
+    spread = numeric and all(v > 0 for v in values) and max(values) / min(values) >= 8
+    if spread or (numeric and param.endswith("latent_dim")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(values, [str(v) for v in values])
     if not numeric:
         ax.set_xticks(range(len(values)), [str(v) for v in values])
     ax.set_xlabel(param)
-    ax.set_ylabel(metric)
+    ax.set_ylabel(axis_label(metric))
+    if title:
+        ax.set_title(title, fontsize=8)
     if others:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig
 
 
 @dataclass
@@ -132,13 +193,15 @@ def write_report(sweep_dir: Path, output_dir: Path | None = None) -> Report:
     failures_file = sweep_dir / "failed_jobs.yaml"
     for failure in yaml.safe_load(failures_file.read_text()) if failures_file.is_file() else []:
         note += f"- job {failure['job']}: {failure['error']}\n"
-    write_table(rows, report.table, note=note if missing else "")
+    write_table(rows, report.table, note=best_job(rows) + (note if missing else ""))
+    title = fixed_settings(jobs, params)
     for metric in PLOTTED:
         if all(row[metric] is None for row in rows):
             continue
         for param in params:
             path = output_dir / f"{metric.replace('/', '_')}_vs_{param.replace('/', '_')}.png"
-            plot_metric(rows, metric, param, [p for p in params if p != param], path)
+            others = [p for p in params if p != param]
+            plot_metric(rows, metric, param, others, path, title)
             report.plots.append(path)
     return report
 
@@ -179,7 +242,9 @@ def log_report_to_wandb(report: Report, sweep_dir: Path) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vae_lightning.report", description=__doc__)
     parser.add_argument(
-        "sweep_dir", type=Path, help="a multirun folder: outputs/multiruns/<date>/<time>"
+        "sweep_dir",
+        type=Path,
+        help="a multirun folder: outputs/multiruns/<date>/<time>",
     )
     parser.add_argument("--output-dir", type=Path, default=None, help="default: the sweep folder")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")

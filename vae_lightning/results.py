@@ -19,7 +19,7 @@ import torch
 
 from vae_lightning.cli import one_line_errors
 from vae_lightning.files import read_run_file, write_table
-from vae_lightning.launch.run_files import RunFilesNotFoundError, threads
+from vae_lightning.launch.run_files import NOT_RESULT_SETTINGS, RunFilesNotFoundError, threads
 from vae_lightning.training.checkpoints import load_model, read_checkpoint
 from vae_lightning.training.lit_module import val_bpd_scores
 
@@ -122,8 +122,7 @@ def run_name(run: Path) -> str:
     """The run's overrides that change its results (not where the data is, paths or loggers)."""
     overrides_file = run / ".hydra" / "overrides.yaml"
     overrides = read_run_file(overrides_file, list) if overrides_file.is_file() else []
-    ignored = ("data.data_dir=", "paths.", "logger")
-    shown = [o for o in overrides or [] if not o.startswith(ignored)]
+    shown = [o for o in overrides or [] if not o.startswith(NOT_RESULT_SETTINGS)]
     return " ".join(shown) or "(defaults)"
 
 

@@ -28,6 +28,7 @@ from vae_lightning.launch.run_files import (
 )
 from vae_lightning.training.lit_module import VAELitModule
 from vae_lightning.training.loggers import FallbackWandbLogger, finish_wandb_run
+from vae_lightning.training.progress_bars import test_line
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,15 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
                 checkpoint = trainer.checkpoint_callback
                 best = checkpoint.best_model_path if checkpoint else ""
                 trainer.test(
-                    model, datamodule=datamodule, ckpt_path=best or None, weights_only=True
+                    model,
+                    datamodule=datamodule,
+                    ckpt_path=best or None,
+                    weights_only=True,
+                    verbose=False,
                 )
                 metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+                if rank_zero_only.rank == 0:
+                    log.info(test_line(metrics))
             for logger in trainer.loggers:
                 if isinstance(logger, FallbackWandbLogger):
                     logger.log_summary(metrics)

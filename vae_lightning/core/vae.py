@@ -22,13 +22,6 @@ from vae_lightning.core.elbo import (
 from vae_lightning.core.likelihoods import GaussianLikelihood, ImageDistribution, LikelihoodHead
 
 
-class VAEOutput(NamedTuple):
-    x_hat: Tensor
-    mu: Tensor
-    logvar: Tensor
-    z: Tensor
-
-
 class ELBOTerms(NamedTuple):
     """Per image (each of shape ``(B,)``): the training ``loss`` (negative beta-ELBO or IWAE
     bound), and the reported ``log_likelihood`` log p(x|z) (the model's sigma, every constant),
@@ -83,10 +76,9 @@ class VAE(nn.Module):
         """The mean image of p(x|z)."""
         return self.observation_model(z).mean
 
-    def forward(self, x: Tensor) -> VAEOutput:
-        mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar)
-        return VAEOutput(self.decode(z), mu, logvar, z)
+    def forward(self, x: Tensor) -> Tensor:
+        """The reconstruction of ``x``: the mean of p(x|z) at the posterior mean z = mu."""
+        return self.decode(self.encode(x)[0])
 
     def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
         """``log p(x|z)`` per image, with the model's sigma and every constant."""

@@ -293,9 +293,12 @@ class CIFAR10DataModule(L.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
     def on_after_batch_transfer(
-        self, batch: tuple[Tensor, Tensor], dataloader_idx: int
-    ) -> tuple[Tensor, Tensor]:
-        """Scale (and in training, flip) on the device the batch now lives on."""
+        self, batch: tuple[Tensor, Tensor] | Tensor, dataloader_idx: int
+    ) -> tuple[Tensor, Tensor] | Tensor:
+        """Scale (and in training, flip) on the device the batch now lives on. A bare tensor is
+        the model summary's example input, on [0, 1] already: it passes as it is."""
+        if isinstance(batch, Tensor):
+            return batch
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
         return self.scale(images, training), labels

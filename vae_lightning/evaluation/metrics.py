@@ -25,6 +25,7 @@ from vae_lightning.evaluation.fid import (
 )
 from vae_lightning.evaluation.pass_progress import PassProgress
 from vae_lightning.files import save_png_atomically
+from vae_lightning.training.callbacks import GRID_COLUMNS, side_by_side
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +182,9 @@ def save_grids(
     top = mu_variance.argsort(descending=True)[: min(8, vae.latent_dim)].to(device)
     traversal = mu[0].repeat(len(top), 10, 1)
     traversal[torch.arange(len(top)), :, top] = torch.linspace(-3, 3, 10, device=device).to(mu)
-    side_by_side = torch.stack([x, vae.decode(mu)], dim=1).flatten(0, 1)
     grids = {
-        "reconstructions": (side_by_side, 8),
-        "samples": (vae.sample(64), 8),
+        "reconstructions": (side_by_side(x, vae.decode(mu)), GRID_COLUMNS),
+        "samples": (vae.sample(64), GRID_COLUMNS),
         "interpolations": (vae.decode(interpolation.flatten(0, 1)), 10),
         "traversals": (vae.decode(traversal.flatten(0, 1)), 10),
     }

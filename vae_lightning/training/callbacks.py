@@ -15,6 +15,20 @@ from torchvision.utils import make_grid
 
 from vae_lightning.files import save_png_atomically
 
+GRID_COLUMNS = 8
+GRID_CAPTIONS = {
+    "reconstructions": "pairs of an image and its reconstruction (z = mu), 4 pairs a row",
+    "samples": "decoder means for z drawn from the prior N(0, I)",
+    "interpolations": "10 steps in latent space from one test image to another, a pair a row",
+    "traversals": "one latent dim of the first image from -3 to 3, the most active dims a row",
+}
+"""What each grid shows, as its W&B caption; training and evaluation lay them out alike."""
+
+
+def side_by_side(originals: Tensor, reconstructions: Tensor) -> Tensor:
+    """Each original followed by its reconstruction, for a grid of ``GRID_COLUMNS``."""
+    return torch.stack([originals, reconstructions], dim=1).flatten(0, 1)
+
 
 class ImageGrids(L.Callback):
     """Every ``every_n_epochs`` epochs and after the last one, saves two PNG grids:
@@ -56,17 +70,22 @@ class ImageGrids(L.Callback):
         originals = self._originals.to(pl_module.device)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         grids = {
-            "reconstructions": torch.cat([originals, pl_module(originals)]),
+            "reconstructions": side_by_side(originals, pl_module(originals)),
             "samples": pl_module.vae.sample(self.num_images, generator=generator),
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for name, images in grids.items():
-            grid = make_grid(images.clamp(0, 1).float().cpu(), nrow=min(8, self.num_images))
+            grid = make_grid(images.clamp(0, 1).float().cpu(), nrow=GRID_COLUMNS)
             path = self.output_dir / f"{name}_epoch={epoch:03d}.png"
             save_png_atomically(grid, path)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    logger.log_image(f"images/{name}", [str(path)], step=trainer.global_step)
+                    logger.log_image(
+                        f"images/{name}",
+                        [str(path)],
+                        step=trainer.global_step,
+                        caption=[f"epoch {epoch + 1}: {GRID_CAPTIONS[name]}"],
+                    )
                 elif isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_image(f"images/{name}", grid, trainer.global_step)
 

@@ -28,6 +28,14 @@ METRICS = ("loss", "recon_mse", "kl", "elbo", "bpd")
 """Logged as ``{split}/{name}``: loss (training objective), recon_mse (per pixel), kl and elbo
 (nats per image), bpd (bits per dimension of the 8-bit image from the ELBO: a code length with
 a discrete likelihood, the dequantized bound with a density)."""
+UNITS = {
+    "loss": "nats/image",
+    "recon_mse": "per pixel",
+    "kl": "nats/image",
+    "elbo": "nats/image",
+    "bpd": "bits/dim",
+}
+"""The unit of each of ``METRICS``, for tables, plots and log lines."""
 
 
 def _to_plain(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,6 +149,8 @@ class VAELitModule(L.LightningModule):
         if compile:  # in place: the state dict keeps its keys
             self.vae.encoder.compile()
             self.vae.decoder.compile()
+        else:  # the model summary runs it once, for each layer's sizes and FLOPs
+            self.example_input_array = torch.zeros(1, 3, 32, 32)
         self.nonfinite_skipped = 0
         self.best_val_bpd = math.inf  # over the run's validations, resumes included
         self._images_trained = 0
@@ -151,8 +161,10 @@ class VAELitModule(L.LightningModule):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction: the mean of p(x|z) for one posterior sample."""
-        return self.vae(x).x_hat
+        """Reconstruction: the mean of p(x|z) at the posterior mean z = mu. Deterministic, so
+        that the model summary's example pass (its sizes and FLOPs) and the image grids draw
+        nothing from the training run's random stream."""
+        return self.vae(x)
 
     def compute_terms(self, x: Tensor, iwae_samples: int | None = None) -> dict[str, Tensor]:
         """Per-image loss and metrics (each of shape ``(B,)``) for a batch in [0, 1]; the loss

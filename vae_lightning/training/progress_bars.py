@@ -10,7 +10,27 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
+from vae_lightning.training.lit_module import UNITS
+
 log = logging.getLogger(__name__)
+
+
+def significant(value: float, digits: int = 4) -> str:
+    """``value`` to ``digits`` significant digits, written out (6.812, -5979, 0.06660)."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    places = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{places}f}"
+
+
+def test_line(metrics: dict[str, float]) -> str:
+    """The test metrics in one line, each with its unit: what a run prints when it ends."""
+    parts = [
+        f"test/{name} {significant(metrics[f'test/{name}'])} {UNITS[name]}"
+        for name in ("bpd", "elbo", "kl", "recon_mse", "loss")
+        if f"test/{name}" in metrics
+    ]
+    return "Test of the best checkpoint: " + " | ".join(parts)
 
 
 def progress_bar(every_n_steps: int = 100) -> ProgressBar:
