@@ -1,28 +1,38 @@
 # Two entry points for a fresh machine with only Python: `make train` and `make test`.
-# Both create .venv and install the project into it on first use.
+# Both create .venv on first use: `make train` installs what training needs (the package and
+# PyTorch), `make test` adds the test and lint tools, the launcher plugins and the FID network.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+TRAINING := $(VENV)/.installed-train
+DEVELOPMENT := $(VENV)/.installed-dev
+PIP    := $(BIN)/python -m pip install --progress-bar off --disable-pip-version-check
 
-.PHONY: install train test lint clean-outputs
+.PHONY: install train test lint
 
-install: $(STAMP)
+install: $(DEVELOPMENT)
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+
+$(TRAINING): pyproject.toml | $(BIN)/python
+	@echo "Installing vae_lightning and PyTorch into $(VENV): a few GB, minutes on a first run"
+	$(PIP) -e .
+	touch $(TRAINING)
+
+$(DEVELOPMENT): pyproject.toml | $(BIN)/python
+	@echo "Installing vae_lightning with its test tools into $(VENV): minutes on a first run"
+	$(PIP) -e ".[dev]"
+	touch $(DEVELOPMENT) $(TRAINING)
 
 ## train: run the main job; pass Hydra overrides with ARGS="model.latent_dim=64 ..."
-train: $(STAMP)
+train: $(TRAINING)
 	$(BIN)/python -m vae_lightning.train $(ARGS)
 
 ## test: run the whole test suite in 2 worker processes; pass pytest options with ARGS="-k math"
 ## (ARGS="-n 0": in one process)
-test: $(STAMP)
+test: $(DEVELOPMENT)
 	$(BIN)/python -m pytest -n 2 $(ARGS)
 
-lint: $(STAMP)
+lint: $(DEVELOPMENT)
 	$(BIN)/pre-commit run --all-files

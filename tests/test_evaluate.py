@@ -24,6 +24,7 @@ from tests.helpers import (
 )
 from vae_lightning.config import check_resume_checkpoint
 from vae_lightning.errors import ConfigError
+from vae_lightning.evaluation.fid import FIDNetworkError, build_extractor
 from vae_lightning.launch.run_files import RunFilesNotFoundError
 from vae_lightning.report import (
     axis_label,
@@ -108,27 +109,21 @@ def test_evaluate_writes_every_estimate_and_fid_with_a_custom_extractor(
         assert summary[f"eval/{key}"] == pytest.approx(results[key]), key
 
 
-@pytest.mark.parametrize(
-    "setting, make, message",
-    [
-        ("inception_weights", None, ": there is no such file"),
-        (
-            "feature_extractor",
-            lambda p: torch.jit.script(nn.Linear(10, 6)).save(str(p)),
-            " does not map 2 images (2, 3, 32, 32) to features (2, d)",
-        ),
-    ],
-)
-def test_evaluate_refuses_an_unfit_fid_network_file_before_reading_data(
-    setting, make, message, trained_2d, tmp_path
-):
+def test_evaluate_refuses_an_unfit_fid_network_file_before_reading_data(trained_2d, tmp_path):
     path = tmp_path / "network.pt"
-    if make:
-        make(path)
-    args = [f"ckpt_path={trained_2d}", f"eval.fid.{setting}={path}", "data.data_dir=/no/data"]
+    torch.jit.script(nn.Linear(10, 6)).save(str(path))
+    args = [f"ckpt_path={trained_2d}", f"eval.fid.feature_extractor={path}", "data.data_dir=/no"]
     proc = run_module("vae_lightning.evaluate", args, cwd=tmp_path, expect_ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert f"Error: eval.fid.{setting}={path}{message}" in proc.stderr
+    message = " does not map 2 images (2, 3, 32, 32) to features (2, d)"
+    assert f"Error: eval.fid.feature_extractor={path}{message}" in proc.stderr
+
+
+def test_a_missing_fid_weights_file_is_named_by_its_setting(tmp_path):
+    missing = tmp_path / "default_1.pt"
+    with pytest.raises(FIDNetworkError) as err:
+        build_extractor("tf_inception", inception_weights=str(missing))
+    assert str(err.value) == f"eval.fid.inception_weights={missing}: there is no such file"
 
 
 def test_evaluate_starts_from_the_training_runs_config(cifar_dir, tmp_path):

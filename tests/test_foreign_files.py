@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.helpers import LeavesMarker, run_module, run_train, single_run
+from vae_lightning import report, results
 from vae_lightning.training.checkpoints import CheckpointError, load_model, read_checkpoint
 
 pytestmark = pytest.mark.cli
@@ -74,29 +75,36 @@ def another_project(checkpoint: dict) -> None:
     checkpoint["hyper_parameters"] = {"hidden": 128, "lr": 0.1}
 
 
+def test_evaluate_refuses_a_damaged_checkpoint_before_reading_data(trained_run, tmp_path):
+    damaged = tmp_path / "damaged.ckpt"
+    source = trained_run / "checkpoints" / "last.ckpt"
+    damaged.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    args = [f"ckpt_path={damaged}", f"data.data_dir={tmp_path / 'no_data_here'}"]
+    proc = run_module("vae_lightning.evaluate", args, tmp_path, expect_ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"Error: ckpt_path={damaged} is truncated (an incomplete copy or download?)" in (
+        proc.stderr
+    )
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
-        ("truncated", "is truncated (an incomplete copy or download?)"),
         (another_model, "holds weights of another model than its settings describe"),
         (another_project, "is a checkpoint of another project"),
     ],
 )
-def test_evaluate_refuses_a_damaged_checkpoint_before_reading_data(
+def test_a_checkpoint_of_another_model_or_project_is_named_so(
     damage, message, trained_run, tmp_path
 ):
+    """What evaluate and results load with: a ``CheckpointError``, one line in every command."""
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    damage(checkpoint)
     damaged = tmp_path / "damaged.ckpt"
-    source = trained_run / "checkpoints" / "last.ckpt"
-    if damage == "truncated":
-        damaged.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
-    else:
-        checkpoint = torch.load(source, weights_only=True)
-        damage(checkpoint)
-        torch.save(checkpoint, damaged)
-    args = [f"ckpt_path={damaged}", f"data.data_dir={tmp_path / 'no_data_here'}"]
-    proc = run_module("vae_lightning.evaluate", args, tmp_path, expect_ok=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert f"Error: ckpt_path={damaged} {message}" in proc.stderr
+    torch.save(checkpoint, damaged)
+    with pytest.raises(CheckpointError) as err:
+        load_model(damaged)
+    assert str(err.value).startswith(f"ckpt_path={damaged} {message}")
 
 
 @pytest.mark.parametrize(
@@ -166,7 +174,7 @@ def test_a_sound_checkpoint_loads_its_weights(trained_run):
         ("report", "model: [unclosed\n", "it is not YAML (while parsing"),
     ],
 )
-def test_a_damaged_run_config_is_named_in_one_line(
+def test_a_damaged_run_config_is_named_in_one_line_before_any_work(
     command, content, message, trained_run, tmp_path
 ):
     sweep = tmp_path / "sweep"
@@ -178,6 +186,13 @@ def test_a_damaged_run_config_is_named_in_one_line(
         "results": [str(run)],
         "report": [str(sweep), "--no-wandb"],
     }[command]
-    proc = run_module(f"vae_lightning.{command}", args, tmp_path, expect_ok=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert f"Error: {run / 'config.yaml'} is damaged: {message}" in proc.stderr
+    expected = f"Error: {run / 'config.yaml'} is damaged: {message}"
+    if command == "evaluate":  # a Hydra app: through its command line
+        proc = run_module(f"vae_lightning.{command}", args, tmp_path, expect_ok=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert expected in proc.stderr
+        return
+    main = {"results": results.main, "report": report.main}[command]
+    with pytest.raises(SystemExit) as stop:  # the one line the process exits with
+        main(args)
+    assert str(stop.value.code).startswith(expected)

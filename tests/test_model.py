@@ -20,6 +20,14 @@ def batch(n: int = 6) -> torch.Tensor:
     return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
 
 
+def posterior_draw(module: VAELitModule, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """mu, log-variance and decoder mean of one posterior draw z = mu + sigma_q * eps: the draw
+    ``compute_terms`` takes after the same seed."""
+    mu, logvar = module.vae.encode(x)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    return mu, logvar, module.vae.decode(z)
+
+
 def test_reparameterization_has_the_posterior_moments_and_passes_gradients():
     mu = torch.tensor([[1.0, -2.0]], requires_grad=True)
     logvar = torch.tensor([[0.0, math.log(0.25)]], requires_grad=True)
@@ -37,10 +45,10 @@ def test_fixed_sigma_loss_and_metrics():
     torch.manual_seed(11)
     terms = module.compute_terms(x)
     torch.manual_seed(11)  # the same posterior draw, recomputed with torch.distributions
-    out = module.vae(x)
-    recon_log_p = Normal(out.x_hat, 0.2).log_prob(x).flatten(1).sum(1)
-    sq = (x - out.x_hat).pow(2).flatten(1).sum(1)
-    kl = -0.5 * (1 + out.logvar - out.mu**2 - out.logvar.exp()).sum(1)
+    mu, logvar, x_hat = posterior_draw(module, x)
+    recon_log_p = Normal(x_hat, 0.2).log_prob(x).flatten(1).sum(1)
+    sq = (x - x_hat).pow(2).flatten(1).sum(1)
+    kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
     # The training objective is the negative ELBO: ||x - x_hat||^2 / (2 sigma^2) + KL + constant.
     torch.testing.assert_close(terms["elbo"], recon_log_p - kl)
     torch.testing.assert_close(terms["loss"], -terms["elbo"])
@@ -91,8 +99,8 @@ def test_optimal_sigma_uses_per_image_mse_and_reports_with_a_running_sigma():
     # ... whose gradient equals that of the loss with sigma_i held fixed (envelope theorem).
     grads = torch.autograd.grad(terms["loss"].sum(), module.vae.decoder.parameters())
     torch.manual_seed(11)
-    out = module.vae(x)
-    sq = (x - out.x_hat).pow(2).flatten(1).sum(1)
+    _, _, x_hat = posterior_draw(module, x)
+    sq = (x - x_hat).pow(2).flatten(1).sum(1)
     held = sq / (2 * mse.detach())
     held_grads = torch.autograd.grad(held.sum(), module.vae.decoder.parameters())
     for g, h in zip(grads, held_grads, strict=True):

@@ -32,7 +32,12 @@ from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig
 from torch import Tensor
 
-from vae_lightning.cli import CONFIG_DIR, one_line_errors, quiet_third_party_warnings
+from vae_lightning.cli import (
+    CONFIG_DIR,
+    argument_parser,
+    one_line_errors,
+    quiet_third_party_warnings,
+)
 from vae_lightning.config import build
 from vae_lightning.data.cifar10 import CIFAR10DataModule
 from vae_lightning.errors import ConfigError
@@ -321,15 +326,15 @@ def describe_device() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vae_lightning.bench", description=__doc__)
-    parser.add_argument("--archs", default=None, help="comma-separated (default mlp,conv,resnet)")
+    parser = argument_parser("vae_lightning.bench", __doc__)
+    parser.add_argument("--archs", help="comma-separated (mlp,conv,resnet)")
     parser.add_argument("--small", action="store_true", help=f"small-model mode: {SMALL}, H = 8")
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 128")
-    parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default all)")
-    parser.add_argument("--warmup", type=int, default=None, help="steps before timing (10)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per window (50)")
+    parser.add_argument("--data-dir", default="data", help="the folder of cifar-10-batches-py/")
+    parser.add_argument("--batch-size", type=int, help="images per step (128)")
+    parser.add_argument("--precision", default="32-true", help="Lightning's precision setting")
+    parser.add_argument("--threads", type=int, help="torch threads (all)")
+    parser.add_argument("--warmup", type=int, help="steps before timing (10)")
+    parser.add_argument("--steps", type=int, help="timed steps per window (50)")
     parser.add_argument("--rounds", type=int, default=3, help="windows per loop; the fastest")
     parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated, of: %(default)s")
     parser.add_argument("--paths", default="device", help="data paths: device,dataloader")
@@ -340,11 +345,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["default", "reduce-overhead", "max-autotune"],
         help="compile the bare loop's whole step with torch.compile in this mode",
     )
-    parser.add_argument("--target-bpd", type=float, default=None)
+    parser.add_argument(
+        "--target-bpd", type=float, help="also time each loop until val/bpd reaches this"
+    )
     parser.add_argument("--val-every", type=int, default=100, help="steps, with --target-bpd")
     parser.add_argument("--max-epochs", type=int, default=10, help="with --target-bpd")
     parser.add_argument("--startup", action="store_true", help="also time start-up to step 1")
-    parser.add_argument("--output-root", default=str(Path("outputs") / "bench"))
+    parser.add_argument(
+        "--output-root", default=str(Path("outputs") / "bench"), help="where runs and tables go"
+    )
     args = parser.parse_args(argv)
     defaults = {"archs": "mlp,conv,resnet", "batch_size": 128, "warmup": 10, "steps": 50}
     for key, value in (SMALL if args.small else defaults).items():

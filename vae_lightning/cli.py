@@ -1,6 +1,7 @@
 """What every command shares: the config folder, the config resolvers, and one way to report
 the errors a user can make (one line, no traceback, in a single run and in a sweep job)."""
 
+import argparse
 import errno
 import logging
 import re
@@ -21,6 +22,27 @@ CONFIG_DIR = str(
     next(p for p in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if p.is_dir())
 )
 """Inside the package when installed from a wheel, beside it in a checkout."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Paragraphs as written; each option's default after its help, unless it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS)
+        if shown and action.option_strings and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def argument_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m <module>``: ``doc`` (the command's docstring) as plain text,
+    without its ``literal`` marks, and every option's default in ``--help``."""
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=doc.replace("``", ""),
+        formatter_class=_HelpFormatter,
+    )
 
 
 def register_resolvers() -> None:

@@ -5,7 +5,6 @@ The field's reference check of an FID implementation: the 50,000 training images
 so both counts are printed with it.
 """
 
-import argparse
 import json
 import logging
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vae_lightning.cli import one_line_errors
+from vae_lightning.cli import argument_parser, one_line_errors
 from vae_lightning.data.cifar10 import ensure_cifar10
 from vae_lightning.evaluation.fid import (
     DEFAULT_CACHE,
@@ -29,21 +28,27 @@ OPTIONS = {"feature_extractor": "--feature-extractor", "inception_weights": "--i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vae_lightning.fid", description=__doc__)
+    parser = argument_parser("vae_lightning.fid", __doc__)
     parser.add_argument(
         "--data-dir",
         default="data",
         help="the folder of cifar-10-batches-py/ (downloaded if missing)",
     )
-    parser.add_argument("--num-train", type=int, default=50_000)
-    parser.add_argument("--num-test", type=int, default=10_000)
-    parser.add_argument("--network", default="tf_inception", choices=NETWORKS)
-    parser.add_argument("--feature-extractor", default=None, help="a TorchScript file instead")
-    parser.add_argument("--inception-weights", default=None, help="a local weights file")
-    parser.add_argument("--batch-size", type=int, default=200)
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", type=Path, default=None, help="also write the result here")
+    parser.add_argument("--num-train", type=int, default=50_000, help="training images used")
+    parser.add_argument("--num-test", type=int, default=10_000, help="test images used")
+    parser.add_argument(
+        "--network", default="tf_inception", choices=NETWORKS, help="the feature network"
+    )
+    parser.add_argument("--feature-extractor", help="a TorchScript file instead of --network")
+    parser.add_argument("--inception-weights", help="a local weights file for --network")
+    parser.add_argument("--batch-size", type=int, default=200, help="images per network call")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE, help="statistics, kept between calls"
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu"
+    )
+    parser.add_argument("--output", type=Path, help="also write the result here, as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("num_train", "num_test", "batch_size"):

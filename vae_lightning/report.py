@@ -7,7 +7,6 @@ minimize. When the sweep's jobs logged to W&B, the table (a W&B Table) and the p
 W&B run of the sweep's group (``--no-wandb``: not).
 """
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import yaml
 from matplotlib.figure import Figure
 
-from vae_lightning.cli import one_line_errors
+from vae_lightning.cli import argument_parser, one_line_errors
 from vae_lightning.files import read_run_file, write_table
 from vae_lightning.launch.run_files import NOT_RESULT_SETTINGS, RunFilesNotFoundError
 from vae_lightning.training.lit_module import UNITS
@@ -240,13 +239,13 @@ def log_report_to_wandb(report: Report, sweep_dir: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vae_lightning.report", description=__doc__)
+    parser = argument_parser("vae_lightning.report", __doc__)
     parser.add_argument(
         "sweep_dir",
         type=Path,
         help="a multirun folder: outputs/multiruns/<date>/<time>",
     )
-    parser.add_argument("--output-dir", type=Path, default=None, help="default: the sweep folder")
+    parser.add_argument("--output-dir", type=Path, help="where the report goes (the sweep folder)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
     args = parser.parse_args(argv)
     with one_line_errors():

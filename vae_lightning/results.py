@@ -1,4 +1,4 @@
-"""The results table of finished runs: ``python -m vae_lightning.results <run or sweep folder>...``.
+"""The results table of finished runs: ``python -m vae_lightning.results FOLDER [FOLDER ...]``.
 
 For every run folder (a folder given, or the job folders of a sweep folder given), evaluates its
 best checkpoint with ``vae_lightning.evaluate`` into ``<run>/evaluation`` (kept: a later call
@@ -8,7 +8,6 @@ samples and of reconstructions, PSNR, SSIM, active units, parameters, training t
 hardware it trained on.
 """
 
-import argparse
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vae_lightning.cli import one_line_errors
+from vae_lightning.cli import argument_parser, one_line_errors
 from vae_lightning.files import read_run_file, write_table
 from vae_lightning.launch.run_files import NOT_RESULT_SETTINGS, RunFilesNotFoundError, threads
 from vae_lightning.training.checkpoints import load_model, read_checkpoint
@@ -163,19 +162,23 @@ def write_results(rows: list[dict[str, Any]], output_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vae_lightning.results", description=__doc__)
+    parser = argument_parser("vae_lightning.results", __doc__)
     parser.add_argument("folders", type=Path, nargs="+", help="run or sweep folders")
     parser.add_argument(
         "--num-samples",
         type=int,
         default=1000 if torch.cuda.is_available() else 100,
-        help="K for the IWAE bound (default: 1000 on a GPU, 100 on a CPU)",
+        help="K for the IWAE bound: 1000 on a GPU, 100 on a CPU (here: %(default)s)",
     )
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="an evaluate override"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for each evaluation (repeat it for more)",
     )
     parser.add_argument("--again", action="store_true", help="evaluate runs evaluated before")
-    parser.add_argument("--output-dir", type=Path, default=None, help="default: the first folder")
+    parser.add_argument("--output-dir", type=Path, help="where the table goes (the first folder)")
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         parser.error(f"--num-samples={args.num_samples}: it must be at least 1")
