@@ -58,11 +58,9 @@ QUALITY_KEYS = {"recon_mse", "psnr", "ssim", "active_units", "kl_per_dim", "mu_v
 
 
 @pytest.fixture(scope="module")
-def trained_2d(cifar_dir, tmp_path_factory) -> Path:
+def trained_2d(trained_run) -> Path:
     """The last checkpoint of a 1-epoch run with H = 2 (so the grid integral applies)."""
-    cwd = tmp_path_factory.mktemp("train2d")
-    run_train([f"data.data_dir={cifar_dir}", "model.latent_dim=2", *TRAIN], cwd=cwd)
-    return next(cwd.glob("outputs/runs/*/*/checkpoints/last.ckpt"))
+    return trained_run / "checkpoints" / "last.ckpt"
 
 
 def eval_output(cwd: Path) -> Path:

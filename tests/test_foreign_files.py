@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import LeavesMarker, run_module, run_train, single_run
+from tests.helpers import LeavesMarker, run_module
 from vae_lightning import report, results
 from vae_lightning.training.checkpoints import CheckpointError, load_model, read_checkpoint
 
@@ -20,13 +20,6 @@ TRAIN = ["model.latent_dim=2", "logger=none", "trainer.max_epochs=1", "data.batc
 UNSAFE_TORCH = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
 """torch's own override that makes ``torch.load`` unpickle anything where the caller leaves
 ``weights_only`` unset, as torch < 2.6 does by default."""
-
-
-@pytest.fixture(scope="module")
-def trained_run(cifar_dir, tmp_path_factory) -> Path:
-    cwd = tmp_path_factory.mktemp("trained")
-    run_train([f"data.data_dir={cifar_dir}", *TRAIN], cwd=cwd)
-    return single_run(cwd)
 
 
 def craft(checkpoint_file: Path, marker: Path) -> None:

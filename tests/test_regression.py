@@ -19,10 +19,11 @@ REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BANDS = {
     # name: (val/bpd of the fixed seed, half-width of the band). Repeated runs with the fixed
     # seed give the same value to all digits here (3 runs each); the spread over 5 seeds of
-    # the initial weights was 6.418-6.490 and 3770-4446 (fixture) and 7.483-7.650 (real data).
+    # the initial weights was 6.418-6.490 and 3770-4446 (fixture); on real data, 8.022-8.251
+    # over seeds 0-3 of the initial weights after 50 steps (7.483-7.650 after 100 steps).
     "fixture_sigma_0.1": (6.4904, 0.1),
     "fixture_sigma_below_floor": (4430.15, 0.25 * 4430.15),
-    "real_conv_100_steps": (7.4834, 0.02),
+    "real_conv_50_steps": (8.0219, 0.02),
 }
 RERECORD = (
     "If the change is meant to alter training, record the new value in BANDS (tests/test_"
@@ -73,15 +74,16 @@ def test_a_short_run_on_the_fixture_data_stays_in_its_band(name, sigma, structur
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="no real CIFAR-10 at ../shared/data")
 def test_a_short_run_on_real_cifar10_stays_in_its_band(tmp_path):
-    """The default model (conv, H = 32, sigma = 0.1, Adam 1e-3) for 100 steps of batch 128 on
+    """The default model (conv, H = 32, sigma = 0.1, Adam 1e-3) for 50 steps of batch 128 on
     the first 6,400 training images, validated on 1,024 validation images. The band is narrow:
     it relies on the fixed seed and this machine's arithmetic (another CPU may need a new
     recording)."""
     module = default_model()
     bpd = val_bpd(
-        module, REAL_DATA, tmp_path, 128, max_epochs=2, limit_train_batches=50, limit_val_batches=8
+        module, REAL_DATA, tmp_path, 128, max_epochs=1, limit_train_batches=50, limit_val_batches=8
     )
-    recorded, width = BANDS["real_conv_100_steps"]
+    print(f"real_conv_50_steps: val/bpd {bpd:.5f}")
+    recorded, width = BANDS["real_conv_50_steps"]
     assert abs(bpd - recorded) <= width, (
         f"val/bpd {bpd:.5f} outside {recorded} ± {width}. {RERECORD}"
     )
