@@ -55,6 +55,7 @@ def test_defaults_train_and_log_to_wandb_offline(cifar_dir, tmp_path):
     assert_run_folder(run)
     out = proc.stdout + proc.stderr
     assert "W&B: no API key" in out and f"wandb sync {run / 'wandb'}/offline-run-*" in out
+    assert "wandb: WARNING" not in out  # no stray warnings from W&B's own start
     (offline_run,) = (run / "wandb").glob("offline-run-*")
     recorded = offline_wandb_run(offline_run)
     # the dashboard compares runs by their best: val/bpd's summary is its minimum, and the

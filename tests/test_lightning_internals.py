@@ -36,6 +36,7 @@ def test_the_logger_internals_of_the_fallback_and_appending_loggers(tmp_path):
     wandb = WandbLogger(save_dir=str(tmp_path), mode="disabled", id="abc")
     # training/loggers.py, FallbackWandbLogger: restarts offline under the same id
     assert wandb._experiment is None and wandb._wandb_init["id"] == "abc", "FallbackWandbLogger"
+    assert "anonymous" in wandb._wandb_init, "FallbackWandbLogger.__init__: a warning to drop"
     csv = CSVLogger(str(tmp_path))
     # training/loggers.py, AppendingCSVLogger and AppendingCSVWriter
     assert csv._experiment is None and hasattr(csv, "_fs"), "AppendingCSVLogger"

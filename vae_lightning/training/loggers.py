@@ -110,6 +110,11 @@ class FallbackWandbLogger(WandbLogger):
     _disabled = False
     _summarized_run = None
 
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        # Lightning passes anonymous=None, which wandb warns about at every start
+        self._wandb_init.pop("anonymous", None)
+
     @property
     def experiment(self):
         """The W&B run, with ``BEST_OF`` defined on it once (again after going offline)."""
