@@ -447,11 +447,16 @@ def fit_in_process(
     **trainer,
 ) -> L.Trainer:
     """Fit ``module`` (resumed from ``ckpt_path`` if given) on the fixture data in this process,
-    on the CPU, seeded, with ``callbacks`` and ``last.ckpt`` in ``checkpoint_dir``; ``trainer``
-    holds the Trainer's stopping arguments. Quiet unless a callback is a progress bar."""
+    on the CPU, seeded, with ``callbacks`` (the default ``UpdateGuards`` unless they hold one)
+    and ``last.ckpt`` in ``checkpoint_dir``; ``trainer`` holds the Trainer's stopping arguments.
+    Quiet unless a callback is a progress bar."""
     from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 
     from vae_lightning.data.cifar10 import CIFAR10DataModule
+    from vae_lightning.training.update_guards import UpdateGuards
+
+    if not any(isinstance(c, UpdateGuards) for c in callbacks):
+        callbacks = [*callbacks, UpdateGuards()]
 
     L.seed_everything(0)
     fitter = L.Trainer(

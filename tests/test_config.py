@@ -55,7 +55,16 @@ def test_defaults_are_valid():
         ("paths.output_root=", "paths.output_root", "a folder path"),
         ("tags=baseline", "tags", "a list of names"),
         ("model.free_bits=-1", "model.free_bits", ">= 0"),
-        ("model.skip_grad_norm=0", "model.skip_grad_norm", "null or > 0"),
+        (
+            "callbacks.update_guards.skip_grad_norm=0",
+            "callbacks.update_guards.skip_grad_norm",
+            "null or a number > 0",
+        ),
+        (
+            "callbacks.update_guards.nonfinite_loss=go",
+            "callbacks.update_guards.nonfinite_loss",
+            "stop or skip",
+        ),
         ("model.kl_schedule.kind=cosine", "model.kl_schedule.kind", "constant, linear, cyclical"),
         ("model.objective=vi", "model.objective", "elbo or iwae"),
         ("model.objective=iwae model.iwae_samples=0", "model.iwae_samples", "integer >= 1"),
@@ -142,6 +151,13 @@ def test_settings_a_constructor_refuses_name_the_group_and_the_reason(
     assert message.startswith(f"{key} was refused by ") and reason in message, message
     assert f"Fix the {key}.* settings" in message
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_the_update_guards_are_a_callback_that_can_be_switched_off():
+    assert composed().callbacks.update_guards.nonfinite_loss == "stop"
+    cfg = composed("~callbacks.update_guards")
+    validate_config(cfg)
+    assert "update_guards" not in cfg.callbacks
 
 
 def test_a_cyclical_schedule_needs_a_run_of_known_length():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tests.helpers import ADAM, MLP, fit_in_process
-from vae_lightning.training.lit_module import NonFiniteLossError, VAELitModule
+from vae_lightning.training.lit_module import VAELitModule
+from vae_lightning.training.update_guards import NonFiniteLossError, UpdateGuards
 
 
 def nan_at_step(module: VAELitModule, bad_step: int) -> None:
@@ -20,9 +21,15 @@ def nan_at_step(module: VAELitModule, bad_step: int) -> None:
     module.compute_terms = poisoned
 
 
-def fit(module, cifar_dir, tmp_path, epochs=2):
+def fit(module, cifar_dir, tmp_path, epochs=2, guards=None):
     return fit_in_process(
-        module, cifar_dir, tmp_path, batch_size=16, max_epochs=epochs, num_sanity_val_steps=0
+        module,
+        cifar_dir,
+        tmp_path,
+        batch_size=16,
+        callbacks=[guards or UpdateGuards()],
+        max_epochs=epochs,
+        num_sanity_val_steps=0,
     )
 
 
@@ -38,7 +45,7 @@ def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(cifar_dir, tm
 
 
 def test_nan_loss_can_skip_the_step_instead(cifar_dir, tmp_path):
-    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, nonfinite_loss="skip")
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4)
     snapshots = {}
     compute = module.compute_terms
 
@@ -50,7 +57,7 @@ def test_nan_loss_can_skip_the_step_instead(cifar_dir, tmp_path):
 
     module.compute_terms = recording
     nan_at_step(module, bad_step=2)
-    fit(module, cifar_dir, tmp_path, epochs=1)
+    fit(module, cifar_dir, tmp_path, epochs=1, guards=UpdateGuards(nonfinite_loss="skip"))
     assert sorted(snapshots) == [0, 1, 2, 3, 4]
     assert not torch.equal(snapshots[1], snapshots[2])  # ordinary steps update the weights
     assert torch.equal(snapshots[2], snapshots[3])  # the NaN step changed nothing
@@ -59,7 +66,8 @@ def test_nan_loss_can_skip_the_step_instead(cifar_dir, tmp_path):
 
 def test_a_nonfinite_batch_skips_its_whole_accumulated_update(cifar_dir, tmp_path):
     """With two batches per update, a NaN in the first one drops the update they share."""
-    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, nonfinite_loss="skip")
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4)
+    guards = UpdateGuards(nonfinite_loss="skip")
     weights: dict[int, torch.Tensor] = {}
     compute = module.compute_terms
 
@@ -74,10 +82,8 @@ def test_a_nonfinite_batch_skips_its_whole_accumulated_update(cifar_dir, tmp_pat
         return compute(x, *args)
 
     module.compute_terms = poisoned
-    fit_in_process(
-        module, cifar_dir, tmp_path, batch_size=8, max_steps=3, accumulate_grad_batches=2
-    )
+    fit_in_process(module, cifar_dir, tmp_path, 8, [guards], max_steps=3, accumulate_grad_batches=2)
     assert not torch.equal(weights[0], weights[2])  # the first update went through
     assert torch.equal(weights[2], weights[4])  # the second, with the NaN batch, did not
     assert not torch.equal(weights[4], torch.cat([p.flatten() for p in module.parameters()]))
-    assert module.nonfinite_skipped == 1
+    assert guards.nonfinite_skipped == 1

@@ -58,7 +58,11 @@ def test_a_nonfinite_step_is_skipped_on_every_rank_and_changes_nothing(
     """Rank 0's batch is NaN at step 2: no rank updates its weights, sigma (optimal mode) or
     optimizer state; the step logs only the count of skipped steps; training goes on."""
     args = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT[:3], *processes]
-    args += ["model.sigma_mode=optimal", "model.nonfinite_loss=skip", *nonfinite_batch_at(2)]
+    args += [
+        "model.sigma_mode=optimal",
+        "callbacks.update_guards.nonfinite_loss=skip",
+        *nonfinite_batch_at(2),
+    ]
     code, output = train_to_file(args, tmp_path)
     assert code == 0, output
     assert_no_rank_changed_anything(tmp_path, world_size)
@@ -213,7 +217,7 @@ def test_updates_over_the_gradient_norm_threshold_are_skipped_on_every_rank(
     """With a threshold no gradient meets, no update happens on any rank; the skips are
     counted. (The test callback records step 2 without making any batch NaN: rank -1.)"""
     args = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT[:3], *processes]
-    args += ["model.skip_grad_norm=1e-9", *nonfinite_batch_at(2, rank=-1)]
+    args += ["callbacks.update_guards.skip_grad_norm=1e-9", *nonfinite_batch_at(2, rank=-1)]
     code, output = train_to_file(args, tmp_path)
     assert code == 0, output
     assert_no_rank_changed_anything(tmp_path, world_size)

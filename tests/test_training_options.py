@@ -13,7 +13,8 @@ from tests.helpers import ADAM, MLP, PerturbDecoderAt, fit_in_process
 from vae_lightning.core.elbo import kl_to_standard_normal
 from vae_lightning.core.kl_schedule import KLSchedule
 from vae_lightning.core.vae import VAE
-from vae_lightning.training.lit_module import DIVERGED_BPD, STUCK_WINDOW, VAELitModule
+from vae_lightning.training.lit_module import DIVERGED_BPD, VAELitModule
+from vae_lightning.training.update_guards import STUCK_WINDOW, UpdateGuards
 
 
 def test_constant_and_linear_warm_up():
@@ -99,11 +100,12 @@ def _fit(module: VAELitModule, cifar_dir, tmp_path, max_steps: int, callbacks=()
 def test_updates_over_the_gradient_norm_threshold_are_skipped_and_a_stuck_run_says_so(
     cifar_dir, tmp_path, caplog
 ):
-    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, skip_grad_norm=1e-9)
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4)
+    guards = UpdateGuards(skip_grad_norm=1e-9)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     with caplog.at_level(logging.WARNING):
-        trainer = _fit(module, cifar_dir, tmp_path, max_steps=STUCK_WINDOW + 1)
-    assert module.skipped_updates == STUCK_WINDOW + 1
+        trainer = _fit(module, cifar_dir, tmp_path, STUCK_WINDOW + 1, [guards])
+    assert guards.skipped_updates == STUCK_WINDOW + 1
     after = module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     for state in trainer.optimizers[0].state.values():  # as Adam starts: no step, no moments
@@ -115,10 +117,11 @@ def test_updates_over_the_gradient_norm_threshold_are_skipped_and_a_stuck_run_sa
 
 
 def test_updates_under_the_threshold_go_through(cifar_dir, tmp_path):
-    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, skip_grad_norm=1e9)
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4)
+    guards = UpdateGuards(skip_grad_norm=1e9)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    _fit(module, cifar_dir, tmp_path, max_steps=3)
-    assert module.skipped_updates == 0
+    _fit(module, cifar_dir, tmp_path, 3, [guards])
+    assert guards.skipped_updates == 0
     assert not torch.equal(
         before["vae.decoder.0.0.weight"], module.state_dict()["vae.decoder.0.0.weight"]
     )

@@ -77,8 +77,8 @@ def job_config(*overrides: str) -> DictConfig:
         [],
         [
             "model.sigma_mode=optimal",
-            "model.nonfinite_loss=skip",
-            "model.skip_grad_norm=1e9",
+            "callbacks.update_guards.nonfinite_loss=skip",
+            "callbacks.update_guards.skip_grad_norm=1e9",
             "model.kl_schedule.kind=linear",
         ],
     ],

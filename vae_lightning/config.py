@@ -19,6 +19,7 @@ from vae_lightning.launch.run_files import flatten
 from vae_lightning.training.checkpoints import read_checkpoint
 from vae_lightning.training.lit_module import current_settings
 from vae_lightning.training.loggers import check_wandb_settings
+from vae_lightning.training.update_guards import UpdateGuards
 
 
 def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -48,7 +49,8 @@ def check_settings(cfg: DictConfig, key: str, constructor: Callable[..., Any]) -
     their values are checked, run before any work. Its ``ConfigError`` names the full key."""
     node = OmegaConf.select(cfg, key)
     try:
-        constructor(**OmegaConf.to_container(node, resolve=True))
+        settings = OmegaConf.to_container(node, resolve=True)
+        constructor(**{k: v for k, v in settings.items() if not k.startswith("_")})
     except ConfigError as err:
         keyed = _with_full_key(str(err), node, key)
         if keyed is None:
@@ -140,10 +142,6 @@ def validate_config(cfg: DictConfig) -> None:
     _check(_is_real(beta) and beta >= 0, "model.beta", beta, "a number >= 0")
     free_bits = _get(cfg, "model.free_bits")
     _check(_is_real(free_bits) and free_bits >= 0, "model.free_bits", free_bits, "a number >= 0")
-    skip = _get(cfg, "model.skip_grad_norm")
-    _check(
-        skip is None or (_is_real(skip) and skip > 0), "model.skip_grad_norm", skip, "null or > 0"
-    )
     kind = _get(cfg, "model.kl_schedule.kind")
     check_settings(cfg, "model.kl_schedule", KLSchedule)
     if (
@@ -155,8 +153,8 @@ def validate_config(cfg: DictConfig) -> None:
             "model.kl_schedule.kind=cyclical needs a run of known length: set trainer.max_epochs "
             "or trainer.max_steps."
         )
-    nonfinite = _get(cfg, "model.nonfinite_loss")
-    _check(nonfinite in ("stop", "skip"), "model.nonfinite_loss", nonfinite, "stop or skip")
+    if OmegaConf.select(cfg, "callbacks.update_guards") is not None:
+        check_settings(cfg, "callbacks.update_guards", UpdateGuards)
     build(cfg, "model.likelihood")  # the head checks its own settings
     _check_objective(cfg)
     workers = _get(cfg, "data.num_workers")
@@ -229,9 +227,7 @@ RESUMABLE_CHANGES = (
     "beta",
     "kl_schedule.",
     "free_bits",
-    "skip_grad_norm",
     "compile",
-    "nonfinite_loss",
     "arch.channels_last",
 )
 """Model settings a resumed run may change: optimizer settings other than its class (the new

@@ -4,7 +4,6 @@ import logging
 import math
 import os
 import time
-from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,15 +11,13 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from vae_lightning.core.kl_schedule import KLSchedule
 from vae_lightning.core.vae import VAE
-from vae_lightning.errors import UserError
-from vae_lightning.training.step_rows import DeviceRows
+from vae_lightning.training.step_rows import DeviceRows, is_reading_step
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +41,6 @@ def _to_plain(config: Mapping[str, Any]) -> dict[str, Any]:
     return dict(config)
 
 
-STUCK_WINDOW = 100
-STUCK_SHARE = 0.5
-"""Warn once when more than this share of the last STUCK_WINDOW updates were skipped."""
-
 DIVERGED_BPD = 1.0
 """Warn once when a validation's bpd lies this far above the run's best (its noise between
 epochs is 0.01 to 0.05 bpd): the run has diverged, with or without a NaN."""
@@ -65,10 +58,6 @@ FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 """Optimizers with a fused kernel on CUDA and CPU that takes a ``found_inf`` flag."""
 
 
-class NonFiniteLossError(UserError, FloatingPointError):
-    """The training loss became NaN or infinite."""
-
-
 class VAELitModule(L.LightningModule):
     """Trains a VAE by minimizing ``-log p(x|z) + beta * KL`` per image (or the negative IWAE
     bound with ``objective="iwae"`` and ``iwae_samples`` = K).
@@ -80,12 +69,10 @@ class VAELitModule(L.LightningModule):
     a ``LikelihoodHead``); ``likelihood_shortcuts`` are the settings a ``model/likelihood`` file
     puts beside it so that each is one short key to override (``model.sigma``): the head reads
     them by interpolation, and the module keeps them only among its hyperparameters.
-    ``compile`` compiles encoder and decoder with ``torch.compile``.
-    A NaN or infinite loss skips its update on every rank, then stops training with
-    ``NonFiniteLossError`` (``nonfinite_loss="stop"``) or goes on (``"skip"``), at the next
-    logging step or checkpoint (``_read_steps``). ``kl_schedule`` varies beta over the steps
-    (``KLSchedule``), ``free_bits`` floors each latent dimension's KL in the loss, and
-    ``skip_grad_norm`` skips updates whose gradient norm exceeds it.
+    ``compile`` compiles encoder and decoder with ``torch.compile``. ``kl_schedule`` varies
+    beta over the steps (``KLSchedule``), and ``free_bits`` floors each latent dimension's KL in
+    the loss. ``update_finite`` tells the update guards (``UpdateGuards``, a callback) whether
+    the losses of the update in progress were finite on every rank.
     """
 
     def __init__(
@@ -99,9 +86,7 @@ class VAELitModule(L.LightningModule):
         beta: float = 1.0,
         kl_schedule: Mapping[str, Any] | None = None,
         free_bits: float = 0.0,
-        skip_grad_norm: float | None = None,
         compile: bool = False,
-        nonfinite_loss: str = "stop",
         **likelihood_shortcuts: Any,
     ) -> None:
         super().__init__()
@@ -123,26 +108,17 @@ class VAELitModule(L.LightningModule):
         self.beta = beta
         self.kl_schedule = KLSchedule(**kl_schedule)
         self.free_bits = free_bits
-        self.skip_grad_norm = skip_grad_norm
-        self.skipped_updates = 0
-        self._recent_skips: deque[bool] = deque(maxlen=STUCK_WINDOW)
-        self._warned_stuck = False
-        # Per batch on the device: its metric sums over the global batch, images, this rank's
-        # loss; per update: its gradient norm and whether a loss was not finite.
+        # Per batch on the device: its metric sums over the global batch, and its images.
         self._step_names: list[str] = []
         self._steps: DeviceRows | None = None
-        self._updates = DeviceRows(2)
         self._update_start = 0  # the first of _steps that belongs to the update in progress
-        self._update_finite: Tensor | None = None  # its losses so far were finite
+        self.update_finite: Tensor | None = None  # its losses so far were finite on every rank
         self._stepped = False
         self._logged = False  # train/* values were logged at the last step
-        self._skips_on_device = False  # set for each fit, in on_train_start
-        # On the host, since the last logging step: metric sums, images, gradient norms.
+        # On the host, since the last logging step: metric sums and images.
         self._window: dict[str, float] = {}
         self._window_images = 0.0
-        self._grad_norms: list[float] = []
         self._warned_diverged = False
-        self.nonfinite_loss = nonfinite_loss
         self.channels_last = bool(arch.get("channels_last", False))
         if self.channels_last:
             self.vae.to(memory_format=torch.channels_last)
@@ -151,7 +127,6 @@ class VAELitModule(L.LightningModule):
             self.vae.decoder.compile()
         else:  # the model summary runs it once, for each layer's sizes and FLOPs
             self.example_input_array = torch.zeros(1, 3, 32, 32)
-        self.nonfinite_skipped = 0
         self.best_val_bpd = math.inf  # over the run's validations, resumes included
         self._images_trained = 0
         self._fit_seconds_done = 0.0  # the runs this one resumes, and finished fits
@@ -228,15 +203,14 @@ class VAELitModule(L.LightningModule):
         loss = terms["loss"].mean()
         if self._steps is None:
             self._step_names = [name for name in (*METRICS, "sigma") if name in terms]
-            self._steps = DeviceRows(len(self._step_names) + 2)
+            self._steps = DeviceRows(len(self._step_names) + 1)
         with torch.no_grad():
             sums = self._global_sums(terms)
             finite = torch.isfinite(sums[0])  # on every rank
-            row = torch.cat([sums, loss.view(1)])
-            self._steps.append(row, (self.global_step, self.current_epoch))
-            if self._update_finite is not None:  # accumulating gradients
-                finite = finite & self._update_finite
-            self._update_finite = finite
+            self._steps.append(sums, (self.global_step, self.current_epoch))
+            if self.update_finite is not None:  # accumulating gradients
+                finite = finite & self.update_finite
+            self.update_finite = finite
             mse = sums[self._step_names.index("recon_mse")] / sums[-1]
             self.vae.likelihood.update_running_sigma(mse, accept=finite)
         return loss
@@ -251,30 +225,10 @@ class VAELitModule(L.LightningModule):
         return sums
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip this update, on every rank alike, when the loss of one of its batches was not
-        finite (on any rank: the sums are all-reduced), or when the global gradient norm exceeds
-        ``skip_grad_norm`` (VDVAE's recipe; gradients are all-reduced already). The weights and
-        the optimizer's state stay as they were. The decision stays on the device."""
-        nonfinite = ~self._update_finite
-        self._update_finite = None
+        """The update's batches end here (the update guards, callbacks, decided on it first)."""
+        self.update_finite = None
         self._update_start = len(self._steps)
         self._stepped = True
-        skip = nonfinite
-        if self.skip_grad_norm is not None:
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).float()
-            self._updates.append(torch.stack([norm, nonfinite.float()]))
-            skip = nonfinite | ~(norm <= self.skip_grad_norm)  # a NaN norm is skipped too
-        self._skip_update_if(skip, optimizer)
-
-    def _skip_update_if(self, skip: Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """On the device where the optimizer takes a ``found_inf`` flag (``_skips_on_device``);
-        otherwise by dropping the gradients, which waits for the device."""
-        if self._skips_on_device:
-            optimizer.found_inf = skip.float()
-        elif skip:
-            for param in self.parameters():
-                param.grad = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """At the steps Lightning logs at (every ``trainer.log_every_n_steps``), read the steps
@@ -285,13 +239,7 @@ class VAELitModule(L.LightningModule):
         if not self._stepped:  # a batch that only accumulates gradients
             return
         self._stepped = False
-        trainer = self.trainer
-        every = trainer.log_every_n_steps
-        logging_step = (every and self.global_step % every == 0) or trainer.should_stop
-        logging_step = logging_step or bool(trainer.fast_dev_run)
-        last = (
-            batch_idx + 1 == trainer.num_training_batches or self.global_step == trainer.max_steps
-        )
+        logging_step, last = is_reading_step(self.trainer, batch_idx)
         if logging_step or last:
             self._read_steps()
             self._log_window(new_window=logging_step)
@@ -304,48 +252,20 @@ class VAELitModule(L.LightningModule):
 
     def _read_steps(self) -> None:
         """Bring the step records of the finished updates to the host (one copy): the finite
-        steps join the next logged means and the images trained; a non-finite one stops the
-        run (``nonfinite_loss="stop"``) or is counted and named (``"skip"``). Runs at each
-        logging step, at each epoch's end and before each checkpoint is written, so a
-        non-finite loss is acted on at most ``trainer.log_every_n_steps`` steps late, and no
-        checkpoint is written after it in ``stop`` mode."""
+        steps join the next logged means and the images trained (a non-finite one is the update
+        guards' to act on). Runs at each logging step, at each epoch's end and before each
+        checkpoint is written."""
         rows = self._steps.take(self._update_start) if self._steps is not None else []
         self._update_start = 0
         names = self._step_names
-        for (step, epoch), values in rows:
-            sums, images, local_loss = values[: len(names)], values[-2], values[-1]
+        for _, values in rows:
+            sums, images = values[: len(names)], values[-1]
             if not math.isfinite(sums[0]):
-                self._nonfinite_step(step, epoch, local_loss)
                 continue
             for name, total in zip(names, sums, strict=True):
                 self._window[name] = self._window.get(name, 0.0) + total
             self._window_images += images
             self._images_trained += round(images)
-        for _, (norm, nonfinite) in self._updates.take():
-            if not nonfinite:
-                self._grad_norms.append(norm)
-                self._count_skipped_update(not norm <= self.skip_grad_norm)
-
-    def _nonfinite_step(self, step: int, epoch: int, local_loss: float) -> None:
-        if self.nonfinite_loss == "skip":
-            self.nonfinite_skipped += 1
-            if self.global_rank == 0:
-                log.warning(
-                    f"Non-finite loss at step {step}: step skipped on every rank "
-                    f"({self.nonfinite_skipped} so far)."
-                )
-            return
-        last = self._last_checkpoint()
-        what_now = (
-            f"the last good checkpoint is {last}: resume from it (ckpt_path=...) with"
-            if last
-            else "no checkpoint was written yet: restart with"
-        )
-        value = "not finite on another DDP rank" if math.isfinite(local_loss) else local_loss
-        raise NonFiniteLossError(
-            f"The loss is {value} at step {step} (epoch {epoch}); "
-            f"{what_now} a lower model.optimizer.lr, or set model.nonfinite_loss=skip."
-        )
 
     def _log_window(self, new_window: bool = True) -> None:
         """Log ``train/*``: each metric's mean over the images of the finite steps since the
@@ -354,16 +274,10 @@ class VAELitModule(L.LightningModule):
         values: dict[str, float] = {}
         if self._window_images:
             values |= {f"train/{k}": v / self._window_images for k, v in self._window.items()}
-        if self.nonfinite_loss == "skip":
-            values["train/nonfinite_skipped"] = self.nonfinite_skipped
         if self.kl_schedule.kind != "constant":
             values["train/beta"] = self.current_beta()
-        if self.skip_grad_norm is not None:
-            if self._grad_norms:
-                values["train/grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
-            values["train/skipped_updates"] = self.skipped_updates
         if new_window:
-            self._window, self._window_images, self._grad_norms = {}, 0.0, []
+            self._window, self._window_images = {}, 0.0
         cpu = {name: torch.tensor(float(v), dtype=torch.float64) for name, v in values.items()}
         self.log_dict(cpu, on_step=True, on_epoch=False)
         self._logged = True
@@ -378,32 +292,9 @@ class VAELitModule(L.LightningModule):
                 if key.startswith("on_train_batch_end.train/"):
                     result.reset()
 
-    def _count_skipped_update(self, skipped: bool) -> None:
-        self.skipped_updates += skipped
-        self._recent_skips.append(skipped)
-        share = sum(self._recent_skips) / len(self._recent_skips)
-        full = len(self._recent_skips) == STUCK_WINDOW
-        if full and share > STUCK_SHARE and not self._warned_stuck and self.global_rank == 0:
-            self._warned_stuck = True
-            log.warning(
-                f"Training is stuck: {share:.0%} of the last {STUCK_WINDOW} updates were "
-                f"skipped, their gradient norm above model.skip_grad_norm={self.skip_grad_norm}"
-                " (see train/grad_norm). Raise it, lower model.optimizer.lr, or clip with "
-                "trainer.gradient_clip_val."
-            )
-
     def on_train_start(self) -> None:
         """Apply the configured optimizer settings (``model.optimizer.lr``, ...) to a resumed
-        optimizer: loading its state from a checkpoint brings back the old ones. And find out
-        whether updates can be skipped on the device: every optimizer takes a ``found_inf``
-        flag (the fused Adam, AdamW and SGD kernels, as ``GradScaler`` uses them) that no
-        ``GradScaler`` of Lightning's sets."""
-        precision = self.trainer.precision_plugin
-        scaled = isinstance(precision, MixedPrecision) and precision.scaler is not None
-        takes_flag = [
-            getattr(o, "_step_supports_amp_scaling", False) for o in self.trainer.optimizers
-        ]
-        self._skips_on_device = all(takes_flag) and not scaled
+        optimizer: loading its state from a checkpoint brings back the old ones."""
         settings = {k: v for k, v in self.hparams.optimizer.items() if not k.startswith("_")}
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
@@ -414,9 +305,7 @@ class VAELitModule(L.LightningModule):
                         group[key] = value
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._read_steps()  # in stop mode, a non-finite loss stops the run before the file
-        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
-        checkpoint["skipped_updates"] = self.skipped_updates
+        self._read_steps()
         checkpoint["best_val_bpd"] = self.best_val_bpd
         checkpoint["fit_seconds"] = self.fit_seconds
         checkpoint["images_trained"] = self.images_trained
@@ -425,20 +314,9 @@ class VAELitModule(L.LightningModule):
         state = checkpoint["state_dict"]
         if "vae.log_sigma" in state:  # written before sigma moved into the likelihood head
             state["vae.likelihood.log_sigma"] = state.pop("vae.log_sigma")
-        self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
-        self.skipped_updates = int(checkpoint.get("skipped_updates", 0))
         self.best_val_bpd = float(checkpoint.get("best_val_bpd", _checkpoint_best(checkpoint)))
         self._fit_seconds_done = float(checkpoint.get("fit_seconds", 0.0))
         self._images_trained = int(checkpoint.get("images_trained", 0))
-
-    def _last_checkpoint(self) -> str | None:
-        paths = [
-            Path(p)
-            for cb in self.trainer.checkpoint_callbacks
-            for p in (cb.best_model_path, cb.last_model_path)
-            if p and Path(p).is_file()
-        ]
-        return str(max(paths, key=lambda p: p.stat().st_mtime)) if paths else None
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
         terms = self.compute_terms(batch[0])
@@ -489,7 +367,7 @@ class VAELitModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The configured optimizer; Adam, AdamW and SGD get their fused kernel on a GPU or CPU
         unless the config chooses (``model.optimizer.fused``, ``foreach``): one kernel for all
-        parameters, which also skips an update on the device (``_skip_update_if``)."""
+        parameters, which also skips an update on the device (``UpdateGuards``)."""
         make = instantiate(self.hparams.optimizer)
         fused = {}
         chosen = {"fused", "foreach"} & make.keywords.keys()
@@ -498,15 +376,20 @@ class VAELitModule(L.LightningModule):
         return make(params=self.parameters(), **fused)
 
 
+FORMER_SETTINGS = ("nonfinite_loss", "skip_grad_norm")
+"""Model settings of older checkpoints that are the update guards' now (``UpdateGuards``)."""
+
+
 def current_settings(saved: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's model settings as this version writes them: a ``likelihood`` chosen by
-    ``kind``, with ``sigma`` and ``sigma_mode`` among every model's settings, becomes the
-    head's ``_target_`` config, the Gaussian's sigma settings kept beside it."""
-    likelihood = saved.get("likelihood") or {"kind": "gaussian"}
+    """A checkpoint's model settings as this version writes them: without ``FORMER_SETTINGS``;
+    a ``likelihood`` chosen by ``kind``, with ``sigma`` and ``sigma_mode`` among every model's
+    settings, becomes the head's ``_target_`` config, the Gaussian's sigma settings kept
+    beside it."""
+    settings = {k: v for k, v in saved.items() if k not in FORMER_SETTINGS}
+    likelihood = settings.get("likelihood") or {"kind": "gaussian"}
     kind = likelihood.get("kind", "gaussian")
     if "_target_" in likelihood or kind not in LIKELIHOOD_KINDS:
-        return saved
-    settings = dict(saved)
+        return settings
     if kind == "logistic_mixture":
         settings.pop("sigma", None)
         settings.pop("sigma_mode", None)

@@ -43,3 +43,14 @@ class DeviceRows:
         taken = list(zip(self._tags[:count], values, strict=True))
         self._tags = self._tags[count:]
         return taken
+
+
+def is_reading_step(trainer: Any, batch_idx: int) -> tuple[bool, bool]:
+    """Whether the step just finished is one where the step records are read: a logging step
+    (every ``trainer.log_every_n_steps``, a stopping run's last, every step of a fast dev run),
+    and whether it is an epoch's or the run's last step (read, but starting no new window)."""
+    every = trainer.log_every_n_steps
+    logging_step = bool(every and trainer.global_step % every == 0) or trainer.should_stop
+    logging_step = logging_step or bool(trainer.fast_dev_run)
+    last = batch_idx + 1 == trainer.num_training_batches or trainer.global_step == trainer.max_steps
+    return logging_step, last
