@@ -26,6 +26,7 @@ from vae_lightning.launch.run_files import (
     save_hardware,
     save_resolved_config,
 )
+from vae_lightning.training.fit_clock import FitClock
 from vae_lightning.training.lit_module import VAELitModule
 from vae_lightning.training.loggers import FallbackWandbLogger, finish_wandb_run
 from vae_lightning.training.progress_bars import test_line
@@ -66,7 +67,7 @@ def train(cfg: DictConfig, wandb_run_id: str | None = None) -> dict[str, float]:
     try:
         with isolated_ddp_job():
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-            metrics |= fit_figures(model)
+            metrics |= fit_figures(model, trainer)
             metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
             if cfg.test:
                 checkpoint = trainer.checkpoint_callback
@@ -103,14 +104,15 @@ def check_batch_size(cfg: DictConfig, train_images: int) -> None:
         )
 
 
-def fit_figures(model: VAELitModule) -> dict[str, float]:
-    """What a fit cost: its wall time, the model's parameters, and the training images (of all
-    ranks) per second of that wall time; a resumed run's figures include the runs it resumes."""
-    return {
-        "fit_seconds": model.fit_seconds,
-        "num_params": float(sum(p.numel() for p in model.parameters())),
-        "images_per_second": model.images_trained / model.fit_seconds,
-    }
+def fit_figures(model: VAELitModule, trainer: L.Trainer) -> dict[str, float]:
+    """What a fit cost: the model's parameters and, timed by ``FitClock`` (unless it is
+    switched off), its wall time and the training images (of all ranks) per second of it; a
+    resumed run's figures include the runs it resumes."""
+    figures = {"num_params": float(sum(p.numel() for p in model.parameters()))}
+    for clock in (c for c in trainer.callbacks if isinstance(c, FitClock)):
+        figures["fit_seconds"] = clock.seconds
+        figures["images_per_second"] = model.images_trained / clock.seconds
+    return figures
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

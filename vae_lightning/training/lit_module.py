@@ -3,7 +3,6 @@
 import logging
 import math
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -129,8 +128,6 @@ class VAELitModule(L.LightningModule):
             self.example_input_array = torch.zeros(1, 3, 32, 32)
         self.best_val_bpd = math.inf  # over the run's validations, resumes included
         self._images_trained = 0
-        self._fit_seconds_done = 0.0  # the runs this one resumes, and finished fits
-        self._fit_started: float | None = None
         self.eval_metrics = nn.ModuleDict(
             {f"{split}_{name}": MeanMetric() for split in ("val", "test") for name in METRICS}
         )
@@ -163,13 +160,6 @@ class VAELitModule(L.LightningModule):
         """Training images of all ranks so far, those of the runs this one resumes included."""
         return self._images_trained
 
-    @property
-    def fit_seconds(self) -> float:
-        """Wall time of training so far, summed over the runs this one resumes (each up to its
-        last checkpoint: work lost after it is done again, and counted then)."""
-        running = 0.0 if self._fit_started is None else time.perf_counter() - self._fit_started
-        return self._fit_seconds_done + running
-
     def current_beta(self) -> float:
         """The KL weight of the training loss at this step (``model.kl_schedule``)."""
         kind = self.kl_schedule.kind
@@ -181,19 +171,12 @@ class VAELitModule(L.LightningModule):
         return self.kl_schedule(self.global_step, self.beta, total)
 
     def on_fit_start(self) -> None:
-        """Start the fit's clock, and give each DDP rank a noise stream of its own (posterior
-        samples, dequantization, flips): all ranks start from the same seed, so they would
-        otherwise draw the same noise for their images. The weights are the same on every rank
-        already (DDP broadcast them)."""
-        self._fit_started = time.perf_counter()
+        """Give each DDP rank a noise stream of its own (posterior samples, dequantization,
+        flips): all ranks start from the same seed, so they would otherwise draw the same noise
+        for their images. The weights are the same on every rank already (DDP broadcast them)."""
         if self.trainer.world_size > 1:
             seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
             torch.manual_seed((seed + 1_000_003 * self.global_rank) % 2**63)
-
-    def on_fit_end(self) -> None:
-        """Stop the fit's clock."""
-        self._fit_seconds_done = self.fit_seconds
-        self._fit_started = None
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """The loss of one batch. Its figures go to the device-side step record (``DeviceRows``)
@@ -307,7 +290,6 @@ class VAELitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._read_steps()
         checkpoint["best_val_bpd"] = self.best_val_bpd
-        checkpoint["fit_seconds"] = self.fit_seconds
         checkpoint["images_trained"] = self.images_trained
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -315,7 +297,6 @@ class VAELitModule(L.LightningModule):
         if "vae.log_sigma" in state:  # written before sigma moved into the likelihood head
             state["vae.likelihood.log_sigma"] = state.pop("vae.log_sigma")
         self.best_val_bpd = float(checkpoint.get("best_val_bpd", _checkpoint_best(checkpoint)))
-        self._fit_seconds_done = float(checkpoint.get("fit_seconds", 0.0))
         self._images_trained = int(checkpoint.get("images_trained", 0))
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
