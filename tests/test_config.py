@@ -8,6 +8,8 @@ from vae_lightning.config import validate_config, validate_eval_config
 from vae_lightning.errors import ConfigError
 from vae_lightning.train import train
 
+GUARDS = "callbacks.update_guards"
+
 
 def assert_refused(validate, cfg, key: str, allowed: str) -> None:
     """``validate(cfg)`` raises a ConfigError that names ``key`` and the ``allowed`` values."""
@@ -55,16 +57,8 @@ def test_defaults_are_valid():
         ("paths.output_root=", "paths.output_root", "a folder path"),
         ("tags=baseline", "tags", "a list of names"),
         ("model.free_bits=-1", "model.free_bits", ">= 0"),
-        (
-            "callbacks.update_guards.skip_grad_norm=0",
-            "callbacks.update_guards.skip_grad_norm",
-            "null or a number > 0",
-        ),
-        (
-            "callbacks.update_guards.nonfinite_loss=go",
-            "callbacks.update_guards.nonfinite_loss",
-            "stop or skip",
-        ),
+        (f"{GUARDS}.skip_grad_norm=0", f"{GUARDS}.skip_grad_norm", "null or a number > 0"),
+        (f"{GUARDS}.nonfinite_loss=go", f"{GUARDS}.nonfinite_loss", "stop or skip"),
         ("model.kl_schedule.kind=cosine", "model.kl_schedule.kind", "constant, linear, cyclical"),
         ("model.objective=vi", "model.objective", "elbo or iwae"),
         ("model.objective=iwae model.iwae_samples=0", "model.iwae_samples", "integer >= 1"),
