@@ -157,7 +157,7 @@ def test_one_and_two_processes_give_the_same_loss_curve_for_the_same_global_batc
     ranks. Only the posterior noise differs, so the curves agree to sampling noise."""
     common = [
         f"data.data_dir={cifar_dir}",
-        "trainer.max_epochs=3",
+        "trainer.max_epochs=2",
         "trainer.log_every_n_steps=1",
         "data.num_workers=0",
         "data.dequantize=false",
@@ -171,7 +171,7 @@ def test_one_and_two_processes_give_the_same_loss_curve_for_the_same_global_batc
     for name in ("one", "two"):
         rows = metrics_csv(single_run(tmp_path / name))
         curves[name] = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert len(curves["one"]) == len(curves["two"]) == 15  # 72 images / 16 per step, 3 epochs
+    assert len(curves["one"]) == len(curves["two"]) == 10  # 72 images / 16 per step, 2 epochs
     assert curves["two"] == pytest.approx(curves["one"], rel=0.005)
 
     run = single_run(tmp_path / "two")  # rank 0 alone wrote the checkpoints, images and W&B run
@@ -180,9 +180,9 @@ def test_one_and_two_processes_give_the_same_loss_curve_for_the_same_global_batc
     recorded = offline_wandb_run(wandb_run)  # the global numbers, and the checkpoints logged
     metrics = json.loads((run / "metrics.json").read_text())
     assert recorded["summary"]["val/bpd_best"] == pytest.approx(metrics["val/bpd_best"])
-    assert metrics["images_per_second"] == pytest.approx(3 * 72 / metrics["fit_seconds"])
+    assert metrics["images_per_second"] == pytest.approx(2 * 72 / metrics["fit_seconds"])
     assert recorded["artifacts"] == [f"model-{recorded['run'].run_id}"] * 2  # best and last
-    assert len(list((run / "images").glob("samples_epoch=*.png"))) == 3
+    assert len(list((run / "images").glob("samples_epoch=*.png"))) == 2
     assert len(list((tmp_path / "two" / "outputs" / "runs").glob("*/*"))) == 1
 
 

@@ -22,6 +22,7 @@ from tests.helpers import (
     run_train,
     single_run,
 )
+from vae_lightning import report
 from vae_lightning.config import check_resume_checkpoint
 from vae_lightning.errors import ConfigError
 from vae_lightning.evaluation.fid import FIDNetworkError, build_extractor
@@ -192,7 +193,7 @@ def test_evaluate_requires_a_checkpoint(tmp_path):
     assert "ckpt_path is required" in proc.stderr
 
 
-def test_report_of_a_multirun_comparing_likelihoods(cifar_dir, tmp_path):
+def test_report_of_a_multirun_comparing_likelihoods(cifar_dir, tmp_path, capsys):
     likelihoods = "model/likelihood=discretized_gaussian,logistic_mixture"
     run_train(["-m", likelihoods, f"data.data_dir={cifar_dir}", *TRAIN], cwd=tmp_path)
     (sweep,) = tmp_path.glob("outputs/multiruns/*/*")
@@ -201,10 +202,10 @@ def test_report_of_a_multirun_comparing_likelihoods(cifar_dir, tmp_path):
     assert [j["overrides"]["model/likelihood"] for j in jobs] == kinds
     assert swept_parameters(jobs) == ["model/likelihood"]
 
-    proc = run_module("vae_lightning.report", [str(sweep)], cwd=tmp_path)
+    report.main([str(sweep)])  # its command, in this process
     table = (sweep / "report.md").read_text()
     assert table.splitlines()[0].startswith("| job | model/likelihood | val/bpd")
-    assert proc.stdout.startswith(table.splitlines()[0])
+    assert capsys.readouterr().out.startswith(table.splitlines()[0])
     csv_lines = (sweep / "report.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[1].startswith("0,discretized_gaussian,")
     for job, line in zip(jobs, csv_lines[1:], strict=True):

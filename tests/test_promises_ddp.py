@@ -171,7 +171,7 @@ def test_failing_ddp_jobs_do_not_stop_the_sweep(cifar_dir, tmp_path):
     """Job 0 stops on a NaN loss inside its DDP ranks, job 1 is refused before its ranks start
     (a negative step), and job 2 still runs; failed_jobs.yaml names both failures."""
     args = ["-m", f"data.data_dir={cifar_dir}", "logger=csv", *SHORT[1:3]]
-    args += [*PROCESSES["2 processes"][1], "trainer.max_epochs=2", *nonfinite_batch_at(1)]
+    args += [*PROCESSES["2 processes"][1], "trainer.max_epochs=1", *nonfinite_batch_at(1)]
     args[-2] = "+callbacks.nonfinite.step=1,-5,1000"
     proc = run_train(args, tmp_path, expect_ok=False)
     output = proc.stdout + proc.stderr
