@@ -168,6 +168,20 @@ def sweep_jobs(cwd: Path) -> list[Path]:
     return sorted(p for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def assert_one_folder_per_job(cwd: Path, key: str, values: list[str]) -> list[Path]:
+    """The sweep in ``cwd`` ran one job per value of ``key``, each a finished run folder of
+    the sweep's W&B group, and no single run."""
+    jobs = sweep_jobs(cwd)
+    assert [p.name for p in jobs] == [str(i) for i in range(len(values))]
+    for job, value in zip(jobs, values, strict=True):
+        assert_run_folder(job)
+        assert f"{key}={value}" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert resolved(job)["run_group"].startswith("sweep_")
+        assert last_value(metrics_csv(job), "test/bpd") > 0
+    assert not (cwd / "outputs" / "runs").exists()
+    return jobs
+
+
 def metrics_csv(run: Path) -> list[dict[str, str]]:
     with open(run / "csv" / "metrics.csv") as f:
         return list(csv.DictReader(f))

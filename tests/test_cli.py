@@ -23,6 +23,7 @@ from tests.helpers import (
     DDP,
     SHORT,
     SPLITS_AND_METRICS,
+    assert_one_folder_per_job,
     assert_run_folder,
     cli_env,
     composed,
@@ -118,24 +119,6 @@ def test_overrides_reach_the_model_and_every_metric_is_logged(cifar_dir, tmp_pat
     assert bpd == pytest.approx(-elbo / (3072 * 0.6931471805599453) + 8.0, rel=1e-5)
     hparams = yaml.safe_load((run / "csv" / "hparams.yaml").read_text())
     assert hparams["model.latent_dim"] == 64  # the resolved config, flat
-
-
-def assert_one_folder_per_job(cwd: Path, key: str, values: list[str]) -> list[Path]:
-    jobs = sweep_jobs(cwd)
-    assert [p.name for p in jobs] == [str(i) for i in range(len(values))]
-    for job, value in zip(jobs, values, strict=True):
-        assert_run_folder(job)
-        assert f"{key}={value}" in (job / ".hydra" / "overrides.yaml").read_text()
-        assert resolved(job)["run_group"].startswith("sweep_")
-        assert last_value(metrics_csv(job), "test/bpd") > 0
-    assert not (cwd / "outputs" / "runs").exists()
-    return jobs
-
-
-def test_multirun_gives_one_folder_per_job(cifar_dir, tmp_path):
-    sweep = ["-m", "model.latent_dim=16,64", f"data.data_dir={cifar_dir}", "logger=csv", *SHORT]
-    run_train(sweep, cwd=tmp_path)
-    assert_one_folder_per_job(tmp_path, "model.latent_dim", ["16", "64"])
 
 
 def test_experiment_preset_sweeps_a_group_with_one_folder_per_job(cifar_dir, tmp_path):

@@ -12,7 +12,7 @@ import torch
 import yaml
 from torch.distributions import Laplace as TorchLaplace
 
-from tests.helpers import ROOT, SHORT, run_module, sweep_jobs
+from tests.helpers import ROOT, SHORT, assert_one_folder_per_job, run_module
 
 DOCS = ROOT / "docs" / "development.md"
 
@@ -66,8 +66,7 @@ def test_the_example_trains_in_a_sweep_and_enters_the_results_table(example, cif
     data = [f"data.data_dir={cifar_dir}", "logger=csv", *SHORT]
     first = next(i for i, arg in enumerate(sweep) if "=" in arg)  # Hydra's options come first
     run_module("vae_lightning.train", [*sweep[3:first], *data, *sweep[first:]], cwd=example)
-    jobs = sweep_jobs(example)
-    assert len(jobs) == 2
+    jobs = assert_one_folder_per_job(example, "model.likelihood.b", ["0.02", "0.1"])
     for job, b in zip(jobs, (0.02, 0.1), strict=True):
         config = yaml.safe_load((job / "config.yaml").read_text())
         head = config["model"]["likelihood"]
