@@ -109,7 +109,7 @@ def test_optimal_sigma_uses_per_image_mse_and_reports_with_a_running_sigma():
     likelihood = module.vae.likelihood
     assert likelihood.scalar_log_sigma().exp().item() == pytest.approx(0.5)
     # A training step moves sigma^2 towards the batch MSE by the momentum.
-    likelihood.update_running_sigma(terms["squared_error"].mean() / D)
+    likelihood.update_running_sigma(terms["squared_error"].sum() / D, torch.tensor(len(x)))
     expected = 0.25 + 0.01 * (mse.mean().item() - 0.25)
     assert likelihood.scalar_log_sigma().exp().item() ** 2 == pytest.approx(expected)
 

@@ -19,7 +19,6 @@ from vae_lightning.launch.run_files import flatten
 from vae_lightning.training.checkpoints import read_checkpoint
 from vae_lightning.training.lit_module import current_settings
 from vae_lightning.training.loggers import check_wandb_settings
-from vae_lightning.training.update_guards import UpdateGuards
 
 
 def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -49,8 +48,7 @@ def check_settings(cfg: DictConfig, key: str, constructor: Callable[..., Any]) -
     their values are checked, run before any work. Its ``ConfigError`` names the full key."""
     node = OmegaConf.select(cfg, key)
     try:
-        settings = OmegaConf.to_container(node, resolve=True)
-        constructor(**{k: v for k, v in settings.items() if not k.startswith("_")})
+        constructor(**OmegaConf.to_container(node, resolve=True))
     except ConfigError as err:
         keyed = _with_full_key(str(err), node, key)
         if keyed is None:
@@ -154,7 +152,7 @@ def validate_config(cfg: DictConfig) -> None:
             "or trainer.max_steps."
         )
     if OmegaConf.select(cfg, "callbacks.update_guards") is not None:
-        check_settings(cfg, "callbacks.update_guards", UpdateGuards)
+        build(cfg, "callbacks.update_guards")  # the guards check their own settings
     build(cfg, "model.likelihood")  # the head checks its own settings
     _check_objective(cfg)
     workers = _get(cfg, "data.num_workers")

@@ -158,8 +158,11 @@ class LikelihoodHead(nn.Module, ABC):
         estimator then needs only squared errors)."""
         return None
 
-    def update_running_sigma(self, batch_mse: Tensor, accept: Tensor | None = None) -> None:
-        """Follow the training batches' mean squared error, for a head whose sigma does."""
+    def update_running_sigma(
+        self, mse_sum: Tensor, images: Tensor, accept: Tensor | None = None
+    ) -> None:
+        """Follow the training batches' mean squared error (``mse_sum``, the per-pixel MSEs
+        summed over the batch's ``images``), for a head whose sigma does."""
 
 
 class Gaussian(ImageDistribution):
@@ -274,14 +277,17 @@ class GaussianLikelihood(LikelihoodHead):
         return self.log_sigma.clamp_min(LOG_SIGMA_MIN)
 
     @torch.no_grad()
-    def update_running_sigma(self, batch_mse: Tensor, accept: Tensor | None = None) -> None:
-        """In ``optimal`` mode, move sigma^2 towards ``batch_mse``, the batch's mean per-pixel
-        squared error (under DDP, the global batch's, so that every rank keeps the same sigma);
-        with ``accept``, a boolean tensor, only where it is true (decided on the device)."""
+    def update_running_sigma(
+        self, mse_sum: Tensor, images: Tensor, accept: Tensor | None = None
+    ) -> None:
+        """In ``optimal`` mode, move sigma^2 towards the batch's mean per-pixel squared error,
+        ``mse_sum / images`` (under DDP, the global batch's, so that every rank keeps the same
+        sigma); with ``accept``, a boolean tensor, only where it is true (decided on the
+        device). Other modes launch nothing."""
         if self.sigma_mode != "optimal":
             return
         variance = torch.exp(2.0 * self.log_sigma)
-        variance = variance + self.sigma_momentum * (batch_mse - variance)
+        variance = variance + self.sigma_momentum * (mse_sum / images - variance)
         updated = 0.5 * torch.log(variance)
         if accept is not None:
             updated = torch.where(accept, updated, self.log_sigma)

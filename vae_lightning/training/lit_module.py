@@ -194,8 +194,8 @@ class VAELitModule(L.LightningModule):
             if self.update_finite is not None:  # accumulating gradients
                 finite = finite & self.update_finite
             self.update_finite = finite
-            mse = sums[self._step_names.index("recon_mse")] / sums[-1]
-            self.vae.likelihood.update_running_sigma(mse, accept=finite)
+            mse_sum = sums[self._step_names.index("recon_mse")]
+            self.vae.likelihood.update_running_sigma(mse_sum, sums[-1], accept=finite)
         return loss
 
     def _global_sums(self, terms: dict[str, Tensor]) -> Tensor:
