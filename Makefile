@@ -1,13 +1,12 @@
 # Two entry points for a fresh machine with only Python: `make train` and `make test`.
 # Both create .venv on first use: `make train` installs what training needs (the package and
 # PyTorch), `make test` adds the test and lint tools, the launcher plugins and the FID network.
-# --no-compile: Python compiles only the modules it imports, on first use (most of PyTorch never is).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TRAINING := $(VENV)/.installed-train
 DEVELOPMENT := $(VENV)/.installed-dev
-PIP    := $(BIN)/python -m pip install --progress-bar off --disable-pip-version-check --no-compile
+PIP    := $(BIN)/python -m pip install --progress-bar off --disable-pip-version-check
 
 .PHONY: install train test lint
 
