@@ -89,22 +89,29 @@ def test_evaluate_writes_every_estimate_and_fid_with_a_custom_extractor(
     out = eval_output(tmp_path)
     results = json.loads((out / "eval.json").read_text())
     assert LIKELIHOOD_KEYS | QUALITY_KEYS | {"grid_nats", "grid_bpd"} <= set(results)
-    assert {"fid_samples", "fid_reconstructions"} <= set(results)
+    sets = ["prior", "gmm", "two_stage", "reconstructions"]
+    assert results["fid_sets"] == sets
+    for name in sets:
+        assert results[f"fid_{name}"] >= 0 and results[f"fid_{name}_test"] >= 0
+    assert results["fid_floor"] >= 0 and results["fid_floor_test"] >= 0
     assert results["num_images"] == 16 and results["num_samples"] == 8
     assert results["latent_dim"] == 2 and len(results["kl_per_dim"]) == 2
     assert results["iwae_nats"] >= results["elbo_nats"] - 1.0
-    assert results["fid_samples"] >= 0 and results["fid_reconstructions"] >= 0
     assert results["fid_num_images"] == 16 and results["fid_network"].startswith("torchscript:")
+    assert results["fid_reference_images"] == 80  # every training image of the fixture
+    assert {p.name for p in (out / "samplers").iterdir()} == {"gmm.pt", "two_stage.pt"}
     bpd = -results["iwae_nats"] / (3072 * 0.6931471805599453) + 8
     assert results["iwae_bpd"] == pytest.approx(bpd)
-    for name in ("reconstructions", "samples", "interpolations", "traversals"):
+    grids = ("reconstructions", "samples", "interpolations", "traversals", "samples_gmm")
+    for name in (*grids, "samples_two_stage"):
         assert (out / "images" / f"{name}.png").is_file()
     assert "iwae_bpd" in proc.stdout  # the printed table
     assert "Likelihood estimates (K = 8): 16/16 images" in proc.stderr  # one line, not a file
-    assert "FID features of samples: 16/16 images" in proc.stderr
+    assert "FID features of two stage: 16/16 images" in proc.stderr
+    assert "Sampler gmm: fitted to 72 posteriors" in (out / "evaluate.log").read_text()
     (wandb_run,) = (out / "wandb").glob("offline-run-*")
     summary = offline_wandb_run(wandb_run)["summary"]  # beside the training run's, online
-    for key in ("iwae_bpd", "elbo_bpd", "fid_samples", "fid_reconstructions", "psnr"):
+    for key in ("iwae_bpd", "elbo_bpd", "fid_gmm", "fid_reconstructions_test", "psnr"):
         assert summary[f"eval/{key}"] == pytest.approx(results[key]), key
 
 
@@ -265,15 +272,21 @@ def test_the_results_table_evaluates_each_run_once(cifar_dir, trained_2d, tmp_pa
     proc = run_module("vae_lightning.results", args, cwd=tmp_path)
     results = json.loads((run / "evaluation" / "eval.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
-    header, _, row = (run / "results.md").read_text().splitlines()
-    assert header.startswith("| run | test ELBO bpd | test IWAE bpd | bpd is | K | FID samples |")
+    header, _, row, _, floor = (run / "results.md").read_text().splitlines()
+    assert header.startswith(
+        "| run | test ELBO bpd | test IWAE bpd | bpd is | K | FID prior | FID GMM | FID 2-stage "
+        "| FID recon. | FID prior (test) | FID GMM (test) | FID 2-stage (test) | FID recon. (test) "
+        "| FID N |"
+    )
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == f"{results['elbo_bpd']:.3f}" and cells[4] == "3"
     assert cells[3] == "dequantized bound"  # a Gaussian decoder's density
     assert "prior_sampling_bpd" not in results  # not in the table, so not computed
-    assert cells[5] == f"{results['fid_samples']:.3f}" and cells[7] == "8"
-    assert cells[11] == f"{metrics['num_params'] / 1e6:.2f}"
-    assert re.fullmatch(r"CPU \((1 thread|\d+ threads)\)", cells[13]) and "(1 threads)" not in row
+    assert cells[5] == f"{results['fid_prior']:.3f}" and cells[13] == "8"
+    assert cells[11] == f"{results['fid_two_stage_test']:.3f}"
+    assert cells[17] == f"{metrics['num_params'] / 1e6:.2f}"
+    assert re.fullmatch(r"CPU \((1 thread|\d+ threads)\)", cells[19]) and "(1 threads)" not in row
+    assert floor.startswith(f"FID floor at N = 8: {results['fid_floor']:.2f} (the test images")
     assert "model.latent_dim=2" in cells[0] and "logger" not in cells[0]  # it changes no result
     assert proc.stdout.startswith(header)
     again = run_module("vae_lightning.results", args, cwd=tmp_path)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from vae_lightning.core.kl_schedule import KLSchedule
-from vae_lightning.errors import ConfigError
+from vae_lightning.errors import ConfigError, first_line
 from vae_lightning.evaluation.fid import check_network
 from vae_lightning.launch.run_files import flatten
 from vae_lightning.training.checkpoints import read_checkpoint
@@ -154,6 +154,7 @@ def validate_config(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "callbacks.update_guards") is not None:
         build(cfg, "callbacks.update_guards")  # the guards check their own settings
     build(cfg, "model.likelihood")  # the head checks its own settings
+    _check_scheduler(cfg)
     _check_objective(cfg)
     workers = _get(cfg, "data.num_workers")
     _check(_is_int(workers) and workers >= 0, "data.num_workers", workers, "an integer >= 0")
@@ -186,6 +187,26 @@ def validate_config(cfg: DictConfig) -> None:
     )
     _check_wandb(cfg)
     _check_checkpoint(cfg)
+
+
+def _check_scheduler(cfg: DictConfig) -> None:
+    """``model.scheduler`` builds on an optimizer, and a cosine decay has a length."""
+    if OmegaConf.select(cfg, "model.scheduler") is None:
+        return
+    t_max = OmegaConf.select(cfg, "model.scheduler.T_max")
+    if "T_max" in cfg.model.scheduler and not (_is_int(t_max) and t_max >= 1):
+        raise ConfigError(
+            f"model.scheduler.T_max={t_max!r} is not allowed: the cosine decay needs its length "
+            "in epochs, an integer >= 1 (it is trainer.max_epochs unless set)."
+        )
+    make = build(cfg, "model.scheduler")
+    try:
+        make(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"model.scheduler was refused by {cfg.model.scheduler.get('_target_', '?')}: "
+            f"{first_line(err)}. Fix the model.scheduler.* settings."
+        ) from None
 
 
 def _check_objective(cfg: DictConfig) -> None:

@@ -29,8 +29,14 @@ from vae_lightning.evaluation.fid import (
     build_extractor,
     file_digest,
 )
-from vae_lightning.evaluation.metrics import fid_scores, likelihood_metrics, save_grids
-from vae_lightning.files import read_run_file, write_text_atomically
+from vae_lightning.evaluation.metrics import (
+    fid_scores,
+    likelihood_metrics,
+    posterior_parameters,
+    save_grids,
+)
+from vae_lightning.evaluation.samplers import LatentSampler, load_or_fit
+from vae_lightning.files import has_key, read_run_file, write_text_atomically
 from vae_lightning.launch.plugins import check_plugins
 from vae_lightning.launch.run_files import save_resolved_config
 from vae_lightning.training.callbacks import GRID_CAPTIONS
@@ -71,7 +77,7 @@ def run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         if key == "paths.data_dir":  # the run's data.data_dir is a resolved path
             keys.append("data.data_dir")
             raw["data"]["data_dir"] = "${paths.data_dir}"
-    for key in keys:
+    for key in filter(lambda key: has_key(raw, key), keys):  # a group may fill another key
         OmegaConf.update(merged, key, _raw(raw, key), merge=False)
     return merged
 
@@ -80,6 +86,13 @@ def _device(accelerator: str) -> torch.device:
     if accelerator == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device("cpu" if accelerator == "cpu" else "cuda")
+
+
+def grid_caption(name: str) -> str:
+    """The W&B caption of the image grid ``name``."""
+    if name in GRID_CAPTIONS:
+        return GRID_CAPTIONS[name]
+    return f"decoder means of latents from the {name.removeprefix('samples_')} sampler"
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -107,20 +120,66 @@ def fid_extractor(cfg: DictConfig) -> nn.Module | None:
         return None
 
 
+def build_samplers(cfg: DictConfig, latent_dim: int) -> dict[str, LatentSampler]:
+    """The samplers of ``eval.samplers`` (the ``sampler`` group), unfitted: built before any
+    pass, so that a bad setting stops the evaluation at once."""
+    samplers = cfg.eval.get("samplers") or {}
+    return {name: build(cfg, f"eval.samplers.{name}", latent_dim=latent_dim) for name in samplers}
+
+
+def fit_samplers(
+    cfg: DictConfig, samplers: dict[str, LatentSampler], vae, checkpoint_digest: str
+) -> dict[str, LatentSampler]:
+    """Each sampler fitted to the posteriors of the run's training split (encoded once, for
+    all), or read from ``samplers/<name>.pt`` in the output folder where it was fitted before
+    with the same settings and checkpoint."""
+    device = next(vae.parameters()).device
+    posteriors: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def training_posteriors() -> tuple[torch.Tensor, torch.Tensor]:
+        if not posteriors:
+            datamodule = build(cfg, "data")
+            datamodule.setup("fit")
+            images = datamodule.train_set.tensors[0]
+            posteriors.append(posterior_parameters(vae, images, cfg.data.batch_size))
+        return posteriors[0]
+
+    folder = Path(cfg.paths.output_dir) / "samplers"
+    fitted = {}
+    for name, sampler in samplers.items():
+        key = {
+            "checkpoint": checkpoint_digest,
+            "settings": OmegaConf.to_container(cfg.eval.samplers[name], resolve=True),
+        }
+        generator = torch.Generator(device).manual_seed(cfg.seed)
+        fitted[name] = load_or_fit(
+            sampler.to(device), folder / f"{name}.pt", key, training_posteriors, generator
+        )
+    return fitted
+
+
 def _fid(
-    cfg: DictConfig, extractor: nn.Module, vae, images: torch.Tensor, ckpt_path: Path
+    cfg: DictConfig,
+    extractor: nn.Module,
+    vae,
+    images: torch.Tensor,
+    samplers: dict[str, LatentSampler],
+    checkpoint_digest: str,
 ) -> dict[str, Any]:
-    """FID of prior samples and reconstructions against the first ``eval.fid.num_samples`` test
-    images (of those evaluated)."""
+    """FID of each sampler's images and of reconstructions of the first
+    ``eval.fid.num_samples`` test images (of those evaluated), against the training images
+    and against those test images."""
     fid = cfg.eval.fid
     started = time.perf_counter()
     scores = fid_scores(
         extractor,
         vae,
         images[: fid.num_samples],
+        samplers,
+        OmegaConf.to_container(cfg.eval.samplers, resolve=True),
         cfg.data.data_dir,
         Path(fid.cache_dir) if fid.cache_dir else DEFAULT_CACHE,
-        file_digest(ckpt_path),
+        checkpoint_digest,
         cfg.seed,
         fid.batch_size,
     )
@@ -136,6 +195,7 @@ def evaluate(cfg: DictConfig, model: VAELitModule) -> dict[str, Any]:
     save_resolved_config(cfg, output_dir)
     ckpt_path = Path(cfg.ckpt_path).resolve()
     vae = model.vae.to(device).eval()
+    samplers = build_samplers(cfg, vae.latent_dim)
     extractor = fid_extractor(cfg)
     datamodule = build(cfg, "data")
     datamodule.prepare_data()
@@ -158,11 +218,13 @@ def evaluate(cfg: DictConfig, model: VAELitModule) -> dict[str, Any]:
         prior_sampling=settings.prior_sampling,
     )
     results["likelihood_seconds"] = time.perf_counter() - started
+    fitted: dict[str, LatentSampler] = {}
     if extractor is not None:
-        results |= _fid(cfg, extractor, vae, images, ckpt_path)
-    grids = save_grids(
-        vae, images, output_dir / "images", torch.tensor(results["mu_variance_per_dim"])
-    )
+        checkpoint_digest = file_digest(ckpt_path)
+        fitted = fit_samplers(cfg, samplers, vae, checkpoint_digest)
+        results |= _fid(cfg, extractor, vae, images, fitted, checkpoint_digest)
+    mu_variance = torch.tensor(results["mu_variance_per_dim"])
+    grids = save_grids(vae, images, output_dir / "images", mu_variance, fitted)
 
     write_text_atomically(output_dir / "eval.json", json.dumps(results, indent=2))
     print_table(results)
@@ -177,7 +239,7 @@ def evaluate(cfg: DictConfig, model: VAELitModule) -> dict[str, Any]:
         import wandb
 
         scalars = {f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float)}
-        images = {p.stem: wandb.Image(str(p), caption=GRID_CAPTIONS[p.stem]) for p in grids}
+        images = {p.stem: wandb.Image(str(p), caption=grid_caption(p.stem)) for p in grids}
         run.log(scalars | {f"eval/{name}": image for name, image in images.items()})
         run.summary.update(scalars)
         run.finish()

@@ -155,7 +155,7 @@ class RunFileDamagedError(UserError, ValueError):
     """A run file cannot be read as what it should hold; the message names it and why."""
 
 
-def _has_key(tree: Any, dotted_key: str) -> bool:
+def has_key(tree: Any, dotted_key: str) -> bool:
     for part in dotted_key.split("."):
         if not isinstance(tree, dict) or part not in tree:
             return False
@@ -177,7 +177,7 @@ def read_run_file(path: Path, expected: type = dict, required: Sequence[str] = (
     if not isinstance(data, expected):
         shape = "a mapping" if expected is dict else "a list"
         raise RunFileDamagedError(f"{damaged}: it holds {type(data).__name__}, not {shape}")
-    missing = [key for key in required if not _has_key(data, key)]
+    missing = [key for key in required if not has_key(data, key)]
     if missing:
         raise RunFileDamagedError(f"{damaged}: it lacks {', '.join(missing)}")
     return data

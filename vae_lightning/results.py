@@ -3,14 +3,16 @@
 For every run folder (a folder given, or the job folders of a sweep folder given), evaluates its
 best checkpoint with ``vae_lightning.evaluate`` into ``<run>/evaluation`` (kept: a later call
 reuses it; without the prior-sampling estimate, which the table does not show), then writes
-``results.md`` and ``results.csv``: test ELBO and IWAE bits/dim (and which kind), FID of prior
-samples and of reconstructions, PSNR, SSIM, active units, parameters, training time and the
-hardware it trained on.
+``results.md`` and ``results.csv``: test ELBO and IWAE bits/dim (and which kind), FID of each
+sampler's images and of reconstructions against the training and the test images (with the
+floors under the table), PSNR, SSIM, active units, parameters, training time and the hardware
+it trained on.
 """
 
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,6 @@ COLUMNS = {
     "iwae_bpd": "test IWAE bpd",
     "bpd_kind": "bpd is",
     "num_samples": "K",
-    "fid_samples": "FID samples",
-    "fid_reconstructions": "FID recon.",
     "fid_num_images": "FID N",
     "psnr": "PSNR",
     "ssim": "SSIM",
@@ -133,10 +133,13 @@ def bpd_kind(run: Path, results: dict[str, Any]) -> str:
     return load_model(best_checkpoint(run), "checkpoint").vae.bpd_kind
 
 
-def table_row(run: Path, results: dict[str, Any]) -> dict[str, Any]:
+def table_row(
+    run: Path, results: dict[str, Any], keys: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """The run's cells of the table with columns ``keys`` (by default its own)."""
     metrics = _read_json(run / "metrics.json")
     hardware = _read_json(run / "hardware.json")
-    row = {key: results.get(key) for key in COLUMNS}
+    row = {key: results.get(key) for key in keys or columns([results])}
     row["run"] = run_name(run)
     row["bpd_kind"] = bpd_kind(run, results)
     params = metrics.get("num_params")
@@ -154,10 +157,56 @@ def table_row(run: Path, results: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_results(rows: list[dict[str, Any]], output_dir: Path) -> Path:
-    """``results.md`` and ``results.csv`` in ``output_dir``."""
+SET_NAMES = {"prior": "prior", "gmm": "GMM", "two_stage": "2-stage", "reconstructions": "recon."}
+"""How the FID columns name the generated sets of ``vae_lightning.evaluate`` (its samplers, by
+their ``sampler`` group names, and reconstructions)."""
+
+
+def fid_columns(evaluations: list[dict[str, Any]]) -> dict[str, str]:
+    """A column per generated set of any evaluation against the training images, then a column
+    per set against the test images."""
+    sets = list(dict.fromkeys(name for e in evaluations for name in e.get("fid_sets", ())))
+    labels = {name: f"FID {SET_NAMES.get(name, name)}" for name in sets}
+    return {f"fid_{name}": label for name, label in labels.items()} | {
+        f"fid_{name}_test": f"{label} (test)" for name, label in labels.items()
+    }
+
+
+def columns(evaluations: list[dict[str, Any]]) -> dict[str, str]:
+    """``COLUMNS`` with the FID columns of ``evaluations`` after K."""
+    keys = list(COLUMNS)
+    at = keys.index("num_samples") + 1
+    return (
+        {k: COLUMNS[k] for k in keys[:at]}
+        | fid_columns(evaluations)
+        | {k: COLUMNS[k] for k in keys[at:]}
+    )
+
+
+def floors(evaluations: list[dict[str, Any]]) -> str:
+    """What N real images score against each reference, for each N of ``evaluations``."""
+    lines = []
+    for n, train, test in sorted(
+        {
+            (e["fid_num_images"], e["fid_floor"], e["fid_floor_test"])
+            for e in evaluations
+            if "fid_floor" in e
+        }
+    ):
+        lines.append(
+            f"FID floor at N = {n}: {train:.2f} (the test images against the training images), "
+            f"{test:.2f} (the first N training images against the test images).\n"
+        )
+    return "\n" + "".join(lines) if lines else ""
+
+
+def write_results(
+    rows: list[dict[str, Any]], evaluations: list[dict[str, Any]], output_dir: Path
+) -> Path:
+    """``results.md`` (the table, and the FID floors under it) and ``results.csv`` in
+    ``output_dir``."""
     markdown = output_dir / "results.md"
-    write_table(rows, markdown, COLUMNS, digits=3)
+    write_table(rows, markdown, columns(evaluations), digits=3, note=floors(evaluations))
     return markdown
 
 
@@ -187,10 +236,10 @@ def main(argv: list[str] | None = None) -> None:
         for run in runs:  # a damaged run folder is named before any evaluation starts
             read_run_file(run / "config.yaml")
             best_checkpoint(run)
-        rows = [
-            table_row(run, evaluation(run, args.num_samples, args.set, args.again)) for run in runs
-        ]
-        markdown = write_results(rows, args.output_dir or args.folders[0])
+        evaluations = [evaluation(run, args.num_samples, args.set, args.again) for run in runs]
+        keys = columns(evaluations)
+        rows = [table_row(run, e, keys) for run, e in zip(runs, evaluations, strict=True)]
+        markdown = write_results(rows, evaluations, args.output_dir or args.folders[0])
     print(markdown.read_text(), end="")
     print(f"\nWrote {markdown} and results.csv")
 

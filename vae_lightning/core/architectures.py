@@ -24,12 +24,12 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _check_count(name: str, value: int) -> None:
+def check_count(name: str, value: int) -> None:
     if not _is_count(value):
         raise ValueError(f"{name}={value!r}: it must be an integer >= 1")
 
 
-def _check_widths(name: str, widths: Sequence[int], max_len: int | None = None) -> None:
+def check_widths(name: str, widths: Sequence[int], max_len: int | None = None) -> None:
     """Refuse layer widths that are not a non-empty list of integers >= 1 (of at most
     ``max_len`` entries), naming the setting."""
     ok = isinstance(widths, Sequence) and not isinstance(widths, str) and len(widths) >= 1
@@ -39,7 +39,7 @@ def _check_widths(name: str, widths: Sequence[int], max_len: int | None = None) 
         raise ValueError(f"{name}={widths!r}: it must be a list of integers >= 1{most}")
 
 
-def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+def mlp(sizes: Sequence[int]) -> nn.Sequential:
     """Linear layers with SiLU between them (none after the last)."""
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(pairwise(sizes)):
@@ -53,8 +53,8 @@ class MLPEncoder(nn.Sequential):
     """Flattens x into R^3072 and maps it through fully connected layers."""
 
     def __init__(self, latent_dim: int, hidden_dims: Sequence[int] = (1024, 512)) -> None:
-        _check_widths("hidden_dims", hidden_dims)
-        super().__init__(nn.Flatten(), _mlp([IMAGE_DIMS, *hidden_dims, 2 * latent_dim]))
+        check_widths("hidden_dims", hidden_dims)
+        super().__init__(nn.Flatten(), mlp([IMAGE_DIMS, *hidden_dims, 2 * latent_dim]))
 
 
 class MLPDecoder(nn.Sequential):
@@ -66,11 +66,11 @@ class MLPDecoder(nn.Sequential):
         hidden_dims: Sequence[int] = (512, 1024),
         out_channels: int = IMAGE_SHAPE[0],
     ) -> None:
-        _check_widths("hidden_dims", hidden_dims)
-        _check_count("out_channels", out_channels)
+        check_widths("hidden_dims", hidden_dims)
+        check_count("out_channels", out_channels)
         shape = (out_channels, *IMAGE_SHAPE[1:])
         super().__init__(
-            _mlp([latent_dim, *hidden_dims, shape[0] * shape[1] * shape[2]]), nn.Unflatten(1, shape)
+            mlp([latent_dim, *hidden_dims, shape[0] * shape[1] * shape[2]]), nn.Unflatten(1, shape)
         )
 
 
@@ -78,7 +78,7 @@ class ConvEncoder(nn.Sequential):
     """Strided 4x4 convolutions halve the resolution per channel entry: 32 -> 32 / 2^len."""
 
     def __init__(self, latent_dim: int, channels: Sequence[int] = (64, 128, 256)) -> None:
-        _check_widths("channels", channels, MAX_STAGES)
+        check_widths("channels", channels, MAX_STAGES)
         layers: list[nn.Module] = []
         c_in = IMAGE_SHAPE[0]
         for c_out in channels:
@@ -98,8 +98,8 @@ class ConvDecoder(nn.Sequential):
         channels: Sequence[int] = (256, 128, 64),
         out_channels: int = IMAGE_SHAPE[0],
     ) -> None:
-        _check_widths("channels", channels, MAX_STAGES)
-        _check_count("out_channels", out_channels)
+        check_widths("channels", channels, MAX_STAGES)
+        check_count("out_channels", out_channels)
         side = IMAGE_SHAPE[1] >> len(channels)
         layers: list[nn.Module] = [
             nn.Linear(latent_dim, channels[0] * side * side),
@@ -135,8 +135,8 @@ class ResNetEncoder(nn.Sequential):
     def __init__(
         self, latent_dim: int, channels: Sequence[int] = (32, 64, 128), blocks_per_stage: int = 1
     ) -> None:
-        _check_widths("channels", channels, MAX_STAGES)
-        _check_count("blocks_per_stage", blocks_per_stage)
+        check_widths("channels", channels, MAX_STAGES)
+        check_count("blocks_per_stage", blocks_per_stage)
         layers: list[nn.Module] = [nn.Conv2d(IMAGE_SHAPE[0], channels[0], 3, padding=1)]
         for c_in, c_out in zip(channels, [*channels[1:], channels[-1]], strict=True):
             layers += [ResidualBlock(c_in) for _ in range(blocks_per_stage)]
@@ -156,9 +156,9 @@ class ResNetDecoder(nn.Sequential):
         blocks_per_stage: int = 1,
         out_channels: int = IMAGE_SHAPE[0],
     ) -> None:
-        _check_widths("channels", channels, MAX_STAGES)
-        _check_count("blocks_per_stage", blocks_per_stage)
-        _check_count("out_channels", out_channels)
+        check_widths("channels", channels, MAX_STAGES)
+        check_count("blocks_per_stage", blocks_per_stage)
+        check_count("out_channels", out_channels)
         side = IMAGE_SHAPE[1] >> len(channels)
         layers: list[nn.Module] = [
             nn.Linear(latent_dim, channels[0] * side * side),
@@ -172,4 +172,45 @@ class ResNetDecoder(nn.Sequential):
             nn.SiLU(),
             nn.Conv2d(channels[-1], out_channels, 3, padding=1),
         ]
+        super().__init__(*layers)
+
+
+class ConvBNEncoder(nn.Sequential):
+    """Per channel entry, a strided 4x4 convolution, batch norm and ReLU (the CIFAR-10 VAE of
+    Ghosh et al. 2020 with channels 128, 256, 512, 1024): 32 -> 32 / 2^len."""
+
+    def __init__(self, latent_dim: int, channels: Sequence[int] = (128, 256, 512, 1024)) -> None:
+        check_widths("channels", channels, MAX_STAGES)
+        layers: list[nn.Module] = []
+        c_in = IMAGE_SHAPE[0]
+        for c_out in channels:
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out)]
+            layers.append(nn.ReLU())
+            c_in = c_out
+        side = IMAGE_SHAPE[1] >> len(channels)
+        layers += [nn.Flatten(), nn.Linear(c_in * side * side, 2 * latent_dim)]
+        super().__init__(*layers)
+
+
+class ConvBNDecoder(nn.Sequential):
+    """A linear map to ``channels[0]`` maps of side 32 / 2^(len - 1), a strided 4x4 transposed
+    convolution, batch norm and ReLU per further entry, then a 4x4 convolution to the outputs."""
+
+    def __init__(
+        self,
+        latent_dim: int,
+        channels: Sequence[int] = (1024, 512, 256),
+        out_channels: int = IMAGE_SHAPE[0],
+    ) -> None:
+        check_widths("channels", channels, MAX_STAGES + 1)
+        check_count("out_channels", out_channels)
+        side = IMAGE_SHAPE[1] >> (len(channels) - 1)
+        layers: list[nn.Module] = [
+            nn.Linear(latent_dim, channels[0] * side * side),
+            nn.Unflatten(1, (channels[0], side, side)),
+        ]
+        for c_in, c_out in pairwise(channels):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
+            layers += [nn.BatchNorm2d(c_out), nn.ReLU()]
+        layers.append(nn.Conv2d(channels[-1], out_channels, 4, padding="same"))
         super().__init__(*layers)

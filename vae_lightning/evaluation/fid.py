@@ -327,13 +327,13 @@ def real_statistics(
     extractor: nn.Module,
     data_dir: str | Path,
     split: str,
-    num_images: int,
+    num_images: int | None,
     cache_dir: Path,
     device: torch.device,
     batch_size: int = 200,
 ) -> FeatureStats:
-    """Statistics of the first ``num_images`` 8-bit images of CIFAR-10's ``split`` (train or
-    test, in file order), cached under the files' SHA-256 and the network."""
+    """Statistics of the first ``num_images`` (None: all) 8-bit images of CIFAR-10's ``split``
+    (train or test, in file order), cached under the files' SHA-256 and the network."""
     train = split == "train"
     folder = Path(data_dir) / BASE_FOLDER
     images = read_cifar10(data_dir, train=train)[0][:num_images]

@@ -2,8 +2,9 @@
 latent usage, FID, and image grids."""
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ from vae_lightning.evaluation.fid import (
     real_statistics,
 )
 from vae_lightning.evaluation.pass_progress import PassProgress
+from vae_lightning.evaluation.samplers import LatentSampler
 from vae_lightning.files import save_png_atomically
 from vae_lightning.training.callbacks import GRID_COLUMNS, side_by_side
 
@@ -121,56 +123,84 @@ def fid_scores(
     extractor: nn.Module,
     vae: VAE,
     images: Tensor,
+    samplers: Mapping[str, LatentSampler],
+    settings: Mapping[str, Any],
     data_dir: str,
     cache_dir: Path,
     checkpoint_digest: str,
     seed: int,
     batch_size: int,
-) -> dict[str, float]:
-    """FID of ``len(images)`` prior samples (decoder means, z ~ N(0, I)) and of the
-    reconstructions of ``images`` (decoder means at z = mu) against ``images``, the first N test
-    images: the real statistics are cached per data files and N, and those of the generated
-    sets per checkpoint, seed and N, so a repeated or interrupted evaluation resumes."""
+) -> dict[str, float | int | list[str]]:
+    """FID of N = ``len(images)`` generated images per sampler (decoder means of its latents)
+    and of the reconstructions of ``images`` (the first N test images, at z = mu), each against
+    two references: all training images (``fid_<set>``, the field's protocol) and the N test
+    images (``fid_<set>_test``). The floors are what N real images score: the test images
+    against the training images (``fid_floor``), the first N training images against the test
+    images (``fid_floor_test``). Real statistics are cached per data files and count, generated
+    ones per checkpoint, set, its ``settings``, seed and N, so a repeated or interrupted
+    evaluation resumes. ``fid_sets`` lists the sets, in order."""
     device = next(vae.parameters()).device
     extractor = extractor.to(device)
     n = len(images)
-    real = real_statistics(extractor, data_dir, "test", n, cache_dir, device, batch_size)
 
-    def samples(start: int, stop: int) -> Tensor:
-        generator = torch.Generator(device).manual_seed(seed + start)
-        return vae.sample(stop - start, generator=generator)
+    def real(split: str, count: int | None) -> FeatureStats:
+        return real_statistics(extractor, data_dir, split, count, cache_dir, device, batch_size)
+
+    train, test = real("train", None), real("test", n)
+    scores = {
+        "fid_floor": frechet_distance(test, train),
+        "fid_floor_test": frechet_distance(real("train", n), test),
+    }
+
+    def drawn(sampler: LatentSampler) -> Callable[[int, int], Tensor]:
+        def images_from(start: int, stop: int) -> Tensor:
+            generator = torch.Generator(device).manual_seed(seed + start)
+            return vae.decode(sampler.sample(stop - start, generator))
+
+        return images_from
 
     def reconstructions(start: int, stop: int) -> Tensor:
         x = to_unit_interval(images[start:stop].to(device), dequantize=False)
         return vae.decode(vae.encode(x)[0])
 
-    scores = {}
-    for name, make in (("fid_samples", samples), ("fid_reconstructions", reconstructions)):
+    sets = {name: (drawn(sampler), settings[name]) for name, sampler in samplers.items()}
+    sets["reconstructions"] = (reconstructions, {})
+    for name, (make, set_settings) in sets.items():
         key = {
             "network": extractor.name,
             "checkpoint": checkpoint_digest,
             "set": name,
+            "settings": set_settings,
             "n": n,
             "seed": seed,
         }
 
         def compute(partial: Path, make=make, name=name) -> FeatureStats:
-            what = name.removeprefix("fid_").replace("_", " ")
             return feature_statistics(
-                extractor, generated_slices(make), n, what, partial, batch_size
+                extractor, generated_slices(make), n, name.replace("_", " "), partial, batch_size
             )
 
-        scores[name] = frechet_distance(cached_statistics(cache_dir, key, compute), real)
+        stats = cached_statistics(cache_dir, key, compute)
+        scores[f"fid_{name}"] = frechet_distance(stats, train)
+        scores[f"fid_{name}_test"] = frechet_distance(stats, test)
+    scores["fid_sets"] = list(sets)
     scores["fid_num_images"] = n
+    scores["fid_reference_images"] = train.count
     return scores
 
 
 @torch.no_grad()
 def save_grids(
-    vae: VAE, images: Tensor, output_dir: Path, mu_variance: Tensor, num_images: int = 16
+    vae: VAE,
+    images: Tensor,
+    output_dir: Path,
+    mu_variance: Tensor,
+    samplers: Mapping[str, LatentSampler] | None = None,
+    num_images: int = 16,
 ) -> list[Path]:
     """PNG grids: reconstructions beside originals, prior samples, interpolations between test
-    images in latent space, and traversals of the most active latent dimensions."""
+    images in latent space, traversals of the most active latent dimensions, and
+    ``samples_<name>`` for each of ``samplers`` fitted to the posteriors."""
     device = next(vae.parameters()).device
     x = to_unit_interval(images[:num_images].to(device), dequantize=False)
     mu = vae.encode(x)[0]
@@ -188,6 +218,10 @@ def save_grids(
         "interpolations": (vae.decode(interpolation.flatten(0, 1)), 10),
         "traversals": (vae.decode(traversal.flatten(0, 1)), 10),
     }
+    generator = torch.Generator(device).manual_seed(0)
+    for name, sampler in (samplers or {}).items():
+        if sampler.needs_fit:
+            grids[f"samples_{name}"] = (vae.decode(sampler.sample(64, generator)), GRID_COLUMNS)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, (grid_images, per_row) in grids.items():
@@ -195,3 +229,11 @@ def save_grids(
         save_png_atomically(make_grid(grid_images.clamp(0, 1).float().cpu(), nrow=per_row), path)
         paths.append(path)
     return paths
+
+
+@torch.no_grad()
+def posterior_parameters(vae: VAE, images: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """The posterior means and log-variances ``(N, H)`` of 8-bit ``images``, on the CPU."""
+    device = next(vae.parameters()).device
+    params = [vae.encode(x) for x in batches(images, batch_size, device, dequantize=False)]
+    return tuple(torch.cat([p[i].float().cpu() for p in params]) for i in (0, 1))

@@ -64,8 +64,10 @@ class VAELitModule(L.LightningModule):
     ``arch`` holds ``encoder`` and ``decoder`` configs (``_target_`` + kwargs, without the latent
     size) and optionally ``channels_last`` (convolutions in NHWC layout, faster on GPUs);
     ``optimizer`` is a partial optimizer config, so the module is rebuilt from its checkpoint's
-    hyperparameters alone. ``likelihood`` is the likelihood head's config (``_target_`` + kwargs,
-    a ``LikelihoodHead``); ``likelihood_shortcuts`` are the settings a ``model/likelihood`` file
+    hyperparameters alone; ``scheduler``, when set, a partial learning-rate scheduler config,
+    stepped once per epoch (``ReduceLROnPlateau`` on ``val/loss``). ``likelihood`` is the
+    likelihood head's config (``_target_`` + kwargs, a ``LikelihoodHead``);
+    ``likelihood_shortcuts`` are the settings a ``model/likelihood`` file
     puts beside it so that each is one short key to override (``model.sigma``): the head reads
     them by interpolation, and the module keeps them only among its hyperparameters.
     ``compile`` compiles encoder and decoder with ``torch.compile``. ``kl_schedule`` varies
@@ -86,11 +88,13 @@ class VAELitModule(L.LightningModule):
         kl_schedule: Mapping[str, Any] | None = None,
         free_bits: float = 0.0,
         compile: bool = False,
+        scheduler: Mapping[str, Any] | None = None,
         **likelihood_shortcuts: Any,
     ) -> None:
         super().__init__()
         # Plain containers, so that checkpoints load with torch.load(weights_only=True).
         arch, optimizer = _to_plain(arch), _to_plain(optimizer)
+        scheduler = _to_plain(scheduler) if scheduler else None
         kl_schedule = _to_plain(kl_schedule or {})
         likelihood = _to_plain(likelihood or {"_target_": DEFAULT_LIKELIHOOD})
         self.save_hyperparameters(logger=False)  # reads the arguments' current local values
@@ -277,8 +281,14 @@ class VAELitModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         """Apply the configured optimizer settings (``model.optimizer.lr``, ...) to a resumed
-        optimizer: loading its state from a checkpoint brings back the old ones."""
-        settings = {k: v for k, v in self.hparams.optimizer.items() if not k.startswith("_")}
+        optimizer: loading its state from a checkpoint brings back the old ones. With a
+        scheduler, the learning rate is the resumed schedule's."""
+        scheduled = ("lr",) if self.hparams.get("scheduler") else ()
+        settings = {
+            k: v
+            for k, v in self.hparams.optimizer.items()
+            if not k.startswith("_") and k not in scheduled
+        }
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 for key, value in settings.items():
@@ -345,16 +355,22 @@ class VAELitModule(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """The configured optimizer; Adam, AdamW and SGD get their fused kernel on a GPU or CPU
-        unless the config chooses (``model.optimizer.fused``, ``foreach``): one kernel for all
-        parameters, which also skips an update on the device (``UpdateGuards``)."""
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        """The configured optimizer, and its learning-rate scheduler (per epoch) when one is
+        set; Adam, AdamW and SGD get their fused kernel on a GPU or CPU unless the config
+        chooses (``model.optimizer.fused``, ``foreach``): one kernel for all parameters, which
+        also skips an update on the device (``UpdateGuards``)."""
         make = instantiate(self.hparams.optimizer)
         fused = {}
         chosen = {"fused", "foreach"} & make.keywords.keys()
         if make.func in FUSED_OPTIMIZERS and not chosen and self.device.type in ("cuda", "cpu"):
             fused["fused"] = True
-        return make(params=self.parameters(), **fused)
+        optimizer = make(params=self.parameters(), **fused)
+        if not self.hparams.get("scheduler"):
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer)
+        schedule = {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
 FORMER_SETTINGS = ("nonfinite_loss", "skip_grad_norm")
