@@ -12,7 +12,33 @@ ARCHS = sorted(p.stem for p in ARCH_DIR.glob("*.yaml"))
 
 
 def test_the_three_architectures_are_configured():
-    assert ARCHS == ["conv", "mlp", "resnet"]
+    assert ARCHS == ["conv", "conv_bn", "mlp", "resnet"]
+
+
+def test_conv_bn_has_the_layer_plan_of_ghosh_et_al():
+    cfg = OmegaConf.load(ARCH_DIR / "conv_bn.yaml")
+    encoder = instantiate(cfg.encoder, latent_dim=128).eval()
+    decoder = instantiate(cfg.decoder, latent_dim=128, out_channels=3).eval()
+    shapes = []
+    for net in (encoder, decoder):
+        hooks = [
+            m.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[1:])))
+            for m in net
+            if isinstance(m, torch.nn.BatchNorm2d | torch.nn.Linear)
+        ]
+        net(torch.rand(2, 3, 32, 32) if net is encoder else torch.randn(2, 128))
+        for hook in hooks:
+            hook.remove()
+    assert shapes == [
+        (128, 16, 16),
+        (256, 8, 8),
+        (512, 4, 4),
+        (1024, 2, 2),
+        (256,),  # mu and log-variance
+        (1024 * 8 * 8,),
+        (512, 16, 16),
+        (256, 32, 32),
+    ]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

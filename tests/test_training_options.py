@@ -9,10 +9,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from tests.helpers import ADAM, MLP, PerturbDecoderAt, fit_in_process
+from tests.helpers import ADAM, MLP, PerturbDecoderAt, composed, fit_in_process
+from vae_lightning.config import validate_config
 from vae_lightning.core.elbo import kl_to_standard_normal
 from vae_lightning.core.kl_schedule import KLSchedule
 from vae_lightning.core.vae import VAE
+from vae_lightning.errors import ConfigError
 from vae_lightning.training.lit_module import DIVERGED_BPD, VAELitModule
 from vae_lightning.training.update_guards import STUCK_WINDOW, UpdateGuards
 
@@ -202,3 +204,29 @@ def test_ema_weights_are_what_the_checkpoint_and_the_module_hold_after_training(
         torch.testing.assert_close(module.state_dict()[key], expected[key])
         torch.testing.assert_close(saved["current_model_state"][key], raw[-1][key])
         assert not torch.equal(expected[key], raw[-1][key])
+
+
+def test_a_cosine_schedule_decays_the_learning_rate_per_epoch_also_across_a_resume(
+    cifar_dir, tmp_path
+):
+    cosine = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True}
+    settings = {"arch": MLP, "optimizer": ADAM, "latent_dim": 4, "scheduler": cosine | {"T_max": 4}}
+    lr = ADAM["lr"]
+    trainer = fit_in_process(VAELitModule(**settings), cifar_dir, tmp_path, 16, max_epochs=2)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr / 2)  # cos(pi/2)
+    resumed = fit_in_process(
+        VAELitModule(**settings),
+        cifar_dir,
+        tmp_path,
+        16,
+        ckpt_path=tmp_path / "last.ckpt",
+        max_epochs=3,
+    )
+    expected = lr * (1 + math.cos(3 * math.pi / 4)) / 2
+    assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_a_cosine_schedule_without_a_length_is_refused():
+    cfg = composed("model/scheduler=cosine", "trainer.max_epochs=-1")
+    with pytest.raises(ConfigError, match=r"model.scheduler.T_max=-1 is not allowed"):
+        validate_config(cfg)
