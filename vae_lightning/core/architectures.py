@@ -212,5 +212,6 @@ class ConvBNDecoder(nn.Sequential):
         for c_in, c_out in pairwise(channels):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
             layers += [nn.BatchNorm2d(c_out), nn.ReLU()]
-        layers.append(nn.Conv2d(channels[-1], out_channels, 4, padding="same"))
+        # TensorFlow's "same" padding of a 4x4 kernel at stride 1: one pixel before, two after
+        layers += [nn.ZeroPad2d((1, 2, 1, 2)), nn.Conv2d(channels[-1], out_channels, 4)]
         super().__init__(*layers)
