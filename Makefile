@@ -8,7 +8,7 @@ TRAINING := $(VENV)/.installed-train
 DEVELOPMENT := $(VENV)/.installed-dev
 PIP    := $(BIN)/python -m pip install --progress-bar off --disable-pip-version-check
 
-.PHONY: install train test lint
+.PHONY: install train test lint mutants
 
 install: $(DEVELOPMENT)
 
@@ -36,3 +36,9 @@ test: $(DEVELOPMENT)
 
 lint: $(DEVELOPMENT)
 	$(BIN)/pre-commit run --all-files
+
+## mutants: mutation testing of the math ([tool.mutmut] in pyproject.toml): one planted bug at a
+## time, each against the fast tests that reach it; then the survivors. Resumes where it stopped.
+mutants: $(DEVELOPMENT)
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(or $(JOBS),2)
+	$(BIN)/mutmut results

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import REAL_DATA, run_train, write_cifar10
+from vae_lightning.core.elbo import to_unit_interval
 from vae_lightning.data.cifar10 import (
     BASE_FOLDER,
     CIFAR10DataModule,
@@ -19,7 +20,6 @@ from vae_lightning.data.cifar10 import (
     ensure_cifar10,
     random_hflip,
     read_cifar10,
-    to_unit_interval,
 )
 
 

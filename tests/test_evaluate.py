@@ -25,7 +25,7 @@ from tests.helpers import (
 from vae_lightning import report
 from vae_lightning.config import check_resume_checkpoint
 from vae_lightning.errors import ConfigError
-from vae_lightning.evaluation.fid import FIDNetworkError, build_extractor
+from vae_lightning.evaluation.feature_networks import FIDNetworkError, build_extractor
 from vae_lightning.launch.run_files import RunFilesNotFoundError
 from vae_lightning.report import (
     axis_label,

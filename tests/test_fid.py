@@ -2,7 +2,9 @@
 
 import importlib.util
 import json
+import logging
 import math
+import shutil
 
 import pytest
 import scipy.linalg
@@ -10,20 +12,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.helpers import LeavesMarker, run_module
+from tests.helpers import LeavesMarker, run_module, write_cifar10
+from vae_lightning.data.cifar10 import read_cifar10
 from vae_lightning.evaluation import pass_progress
-from vae_lightning.evaluation.fid import (
-    FeatureStats,
+from vae_lightning.evaluation.feature_networks import (
     FIDNetworkError,
     FIDUnavailableError,
     TFInception,
     build_extractor,
+    tf_inception_file,
+)
+from vae_lightning.evaluation.fid import (
+    FeatureStats,
     cached_statistics,
     feature_statistics,
     frechet_distance,
+    generated_slices,
     image_slices,
+    real_statistics,
     tf_bilinear_resize,
-    tf_inception_file,
 )
 from vae_lightning.fid import OPTIONS
 
@@ -118,7 +125,9 @@ def test_an_interrupted_pass_resumes_after_its_last_saved_chunk(tmp_path):
     torch.testing.assert_close(resumed.outer, whole.outer)
 
 
-def test_a_resumed_pass_reports_the_rate_of_the_images_it_computed(tmp_path, monkeypatch, capsys):
+def test_a_resumed_pass_reports_the_rate_of_the_images_it_computed(
+    tmp_path, monkeypatch, capsys, caplog
+):
     images = torch.randint(0, 256, (950, 3, 32, 32), dtype=torch.uint8)
     slices = image_slices(images, torch.device("cpu"))
     partial = tmp_path / "pass.partial.pt"
@@ -127,9 +136,72 @@ def test_a_resumed_pass_reports_the_rate_of_the_images_it_computed(tmp_path, mon
     capsys.readouterr()
     clock = iter(range(100))  # one second per reading: 3 batches of 100 by the first line
     monkeypatch.setattr(pass_progress.time, "perf_counter", lambda: next(clock))
-    feature_statistics(CountingExtractor(), slices, 950, "x", partial, 100, chunk=300)
+    with caplog.at_level(logging.INFO):
+        feature_statistics(CountingExtractor(), slices, 950, "x", partial, 100, chunk=300)
     first = capsys.readouterr().err.splitlines()[0]
-    assert "900/950 images, 100.0 images/s" in first  # 300 computed in 3 s, not 900
+    assert first.startswith("FID features of x: 900/950 images, 100.0 images/s")  # not 300/s
+    assert f"FID features of x: resuming after 600 images ({partial})" in caplog.text
+
+
+def test_a_damaged_or_crafted_partial_pass_file_is_computed_anew_and_runs_no_code(tmp_path, caplog):
+    images = torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8)
+    slices = image_slices(images, torch.device("cpu"))
+    marker = tmp_path / "marker"
+    partial = tmp_path / "pass.partial.pt"
+    torch.save({"count": 10, "total": LeavesMarker(marker)}, partial)
+    with caplog.at_level(logging.WARNING):
+        stats = feature_statistics(CountingExtractor(), slices, 30, "x", partial, 10, chunk=10)
+    assert not marker.exists() and "does not load" in caplog.text
+    whole = feature_statistics(CountingExtractor(), slices, 30, "x", None, 10)
+    assert stats.count == 30
+    torch.testing.assert_close(stats.outer, whole.outer)
+
+
+def test_statistics_of_features_far_from_zero_keep_their_covariance():
+    """Sums of outer products in float64: features near 1e4 with unit spread keep their
+    covariance (in float32 the sums would lose it to rounding)."""
+    features = 1e4 + torch.randn(
+        2000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    stats = FeatureStats.empty(3)
+    for chunk in features.float().split(100):
+        stats.add(chunk)
+    torch.testing.assert_close(stats.covariance, torch.cov(features.float().double().T))
+
+
+def test_generated_images_become_8_bit_by_clamping_then_rounding():
+    values = torch.tensor([-0.5, 0.0, 0.4 / 255, 0.6 / 255, 0.5, 254.6 / 255, 1.0, 1.7])
+    images = values.view(1, 1, 1, 8).expand(2, 3, 32, 8)
+    pixels = generated_slices(lambda start, stop: images[start:stop])(0, 2)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (2, 3, 32, 8)
+    assert pixels[0, 0, 0].tolist() == [0, 0, 0, 1, 128, 255, 255, 255]
+
+
+class FlatFeatures(nn.Module):
+    """The first 4 pixel values as features."""
+
+    name = "flat"
+
+    def forward(self, images):
+        return images.flatten(1)[:, :4].double()
+
+
+def test_real_statistics_are_those_of_the_first_images_of_the_split_cached_per_data_file(
+    cifar_dir, tmp_path
+):
+    data = tmp_path / "data"
+    shutil.copytree(cifar_dir, data)
+    cpu = torch.device("cpu")
+    for split, train, n in (("test", False, 10), ("train", True, None)):
+        stats = real_statistics(FlatFeatures(), data, split, n, tmp_path / "cache", cpu, 6)
+        expected = read_cifar10(data, train=train)[0][:n].flatten(1)[:, :4].double()
+        assert stats.count == len(expected) == (10 if n else 80)
+        torch.testing.assert_close(stats.mean, expected.mean(0))
+        torch.testing.assert_close(stats.covariance, torch.cov(expected.T))
+    write_cifar10(data, seed=1)  # other files: other statistics, not the cached ones
+    stats = real_statistics(FlatFeatures(), data, "test", 10, tmp_path / "cache", cpu, 6)
+    expected = read_cifar10(data, train=False)[0][:10].flatten(1)[:, :4].double()
+    torch.testing.assert_close(stats.mean, expected.mean(0))
 
 
 def test_statistics_are_cached_under_their_key(tmp_path):
@@ -173,6 +245,20 @@ def test_a_feature_extractor_file_that_does_not_load_is_named(content, tmp_path)
         build_extractor("tf_inception", str(path), settings=OPTIONS)
 
 
+def test_the_tf_inception_network_sees_pixels_scaled_to_minus_one_up_to_almost_one():
+    """Two constant images pin the affine map k -> k / 128 - 1: 128 becomes 0 and 0 becomes -1
+    (a constant image stays constant through the resize)."""
+    try:
+        network = TFInception(tf_inception_file())
+    except FIDUnavailableError:
+        pytest.skip("the fid extra is not installed")
+    with torch.no_grad():
+        for value, scaled in ((128, 0.0), (0, -1.0)):
+            images = torch.full((1, 3, 32, 32), value, dtype=torch.uint8)
+            expected = network.net(torch.full((1, 3, 299, 299), scaled))
+            torch.testing.assert_close(network(images), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_the_tf_inception_network_gives_pool3_features():
     try:
         path = tf_inception_file()
@@ -187,6 +273,7 @@ def test_the_tf_inception_network_gives_pool3_features():
         torch.testing.assert_close(network(images[:1]), features[:1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.cli
 def test_the_fid_command_compares_the_splits_and_caches_them(cifar_dir, tmp_path):
     extractor = tmp_path / "features.pt"
     torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(3072, 5))).save(str(extractor))

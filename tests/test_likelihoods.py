@@ -140,6 +140,43 @@ def test_logistic_mixture_samples_lie_on_bin_centres_and_average_to_the_mean():
     torch.testing.assert_close(samples.mean(0), p.mean[0], atol=0.01, rtol=0)
 
 
+def test_logistic_mixture_samples_have_the_probabilities_of_its_log_prob():
+    """Two components with unequal weights, scales of about one bin and channel coefficients
+    that shift G and B by R (and G): each frequent colour is drawn as often as its mass."""
+    weights, coeffs = (
+        torch.tensor([0.25, 0.75]),
+        torch.tensor([[0.5, -0.2], [-0.4, 0.6], [0.3, 0.1]]),
+    )
+    means = torch.tensor([[-0.5, 0.4], [0.2, -0.3], [0.6, 0.0]])
+    raw = (
+        torch.cat(
+            [
+                weights.log(),
+                means.flatten(),
+                torch.full((6,), math.log(0.006)),
+                coeffs.atanh().flatten(),
+            ]
+        )
+        .view(1, 20, 1, 1)
+        .double()
+    )
+    n = 200_000
+    samples = DiscretizedLogisticMixture(raw.expand(n, -1, -1, -1), 2).sample(
+        torch.Generator().manual_seed(0)
+    )
+    colours, counts = samples.flatten(1).unique(dim=0, return_counts=True)
+    mass = (
+        DiscretizedLogisticMixture(raw.expand(len(colours), -1, -1, -1), 2)
+        .log_prob(colours.view(-1, 3, 1, 1))
+        .exp()
+    )
+    assert mass.sum() > 0.99  # the drawn colours hold nearly all the mass
+    frequent = mass > 0.005
+    assert frequent.sum() >= 20
+    expected, seen = mass[frequent], counts[frequent].double() / n
+    assert ((seen - expected).abs() < 5 * (expected * (1 - expected) / n).sqrt()).all()
+
+
 def test_per_pixel_sigma_with_equal_values_equals_one_learned_sigma():
     learned, per_pixel = (
         make_module(sigma=0.3, sigma_mode=mode) for mode in ("learned", "per_pixel")

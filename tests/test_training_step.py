@@ -131,6 +131,7 @@ class RecordLosses(L.Callback):
         Path("losses.json").write_text(json.dumps(self.steps))
 
 
+@pytest.mark.cli
 def test_each_logged_training_value_is_the_mean_over_the_steps_since_the_last_one(
     cifar_dir, tmp_path
 ):

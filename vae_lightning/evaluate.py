@@ -23,12 +23,8 @@ from torch import nn
 
 from vae_lightning.cli import CONFIG_DIR, one_line_errors, quiet_third_party_warnings
 from vae_lightning.config import build, validate_eval_config
-from vae_lightning.evaluation.fid import (
-    DEFAULT_CACHE,
-    FIDUnavailableError,
-    build_extractor,
-    file_digest,
-)
+from vae_lightning.evaluation.feature_networks import FIDUnavailableError, build_extractor
+from vae_lightning.evaluation.fid import DEFAULT_CACHE
 from vae_lightning.evaluation.metrics import (
     fid_scores,
     likelihood_metrics,
@@ -36,7 +32,7 @@ from vae_lightning.evaluation.metrics import (
     save_grids,
 )
 from vae_lightning.evaluation.samplers import LatentSampler, load_or_fit
-from vae_lightning.files import has_key, read_run_file, write_text_atomically
+from vae_lightning.files import file_digest, has_key, read_run_file, write_text_atomically
 from vae_lightning.launch.plugins import check_plugins
 from vae_lightning.launch.run_files import save_resolved_config
 from vae_lightning.training.callbacks import GRID_CAPTIONS

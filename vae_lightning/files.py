@@ -4,6 +4,7 @@ a full disk, and a file that is not what it should hold, are named in one line."
 
 import csv
 import errno
+import hashlib
 import io
 import json
 import os
@@ -181,3 +182,11 @@ def read_run_file(path: Path, expected: type = dict, required: Sequence[str] = (
     if missing:
         raise RunFileDamagedError(f"{damaged}: it lacks {', '.join(missing)}")
     return data
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

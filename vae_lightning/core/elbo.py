@@ -1,8 +1,8 @@
 """The terms of the VAE's evidence lower bound, per image, in nats.
 
-Images are scaled to [0, 1] with 256 bins of width 1/256 (see ``vae_lightning.data.cifar10``), so a
-continuous log-density on that scale becomes a bound on the 8-bit image's log-probability by
-subtracting ``D * log(256)``; ``bits_per_dim`` does exactly that.
+Images are scaled to [0, 1] with 256 bins of width 1/256 (``to_unit_interval``), so a continuous
+log-density on that scale becomes a bound on the 8-bit image's log-probability by subtracting
+``D * log(256)``; ``bits_per_dim`` does exactly that.
 """
 
 import math
@@ -12,6 +12,14 @@ from torch import Tensor
 
 LOG_2PI = math.log(2.0 * math.pi)
 NUM_BINS = 256
+
+
+def to_unit_interval(images: Tensor, dequantize: bool) -> Tensor:
+    """uint8 pixels k -> float (k + u) / 256, u ~ U[0, 1) if ``dequantize`` else u = 1/2: the
+    bin of width 1/256 that k stands for, or its centre."""
+    x = images.float()
+    offset = torch.rand_like(x) if dequantize else 0.5
+    return (x + offset) / NUM_BINS
 
 
 def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:

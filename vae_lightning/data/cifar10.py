@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from vae_lightning.core.elbo import to_unit_interval
 from vae_lightning.errors import UserError
 
 try:
@@ -124,13 +125,6 @@ def ensure_cifar10(root: str | Path, download: bool = True) -> None:
         CIFAR10(root=str(root), train=True, download=True)
     except (urllib.error.URLError, OSError) as err:
         raise DatasetNotFoundError(f"{hint}. The download failed: {err}") from err
-
-
-def to_unit_interval(images: Tensor, dequantize: bool) -> Tensor:
-    """uint8 pixels k -> float (k + u) / 256, u ~ U[0, 1) if ``dequantize`` else u = 1/2."""
-    x = images.float()
-    offset = torch.rand_like(x) if dequantize else 0.5
-    return (x + offset) / 256.0
 
 
 def random_hflip(x: Tensor) -> Tensor:

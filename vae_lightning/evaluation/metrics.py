@@ -11,11 +11,10 @@ from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchvision.utils import make_grid
 
-from vae_lightning.core.elbo import kl_per_dimension, squared_error
+from vae_lightning.core.elbo import kl_per_dimension, squared_error, to_unit_interval
 from vae_lightning.core.estimators import grid_log_likelihood, sampled_estimates
 from vae_lightning.core.posterior import active_units
 from vae_lightning.core.vae import VAE
-from vae_lightning.data.cifar10 import to_unit_interval
 from vae_lightning.evaluation.fid import (
     FeatureStats,
     cached_statistics,
