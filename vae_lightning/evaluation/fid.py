@@ -114,9 +114,8 @@ def feature_statistics(
             state = torch.load(partial_file, weights_only=True)
             stats = FeatureStats(int(state["count"]), state["total"], state["outer"])
         except Exception as err:  # damaged or foreign: the pass starts over and overwrites it
-            log.warning(
-                f"FID features of {what}: {partial_file} does not load ({first_line(err)}): starting over"
-            )
+            reason = first_line(err)
+            log.warning(f"FID features of {what}: {partial_file} does not load ({reason}): anew")
         else:
             log.info(
                 f"FID features of {what}: resuming after {stats.count} images ({partial_file})"
