@@ -7,6 +7,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from vae_lightning.core import architectures
+
 ARCH_DIR = Path(__file__).resolve().parents[1] / "conf" / "model" / "arch"
 ARCHS = sorted(p.stem for p in ARCH_DIR.glob("*.yaml"))
 
@@ -55,3 +57,29 @@ def test_shapes_and_gradients(arch, latent_dim, out_channels):
     out.sum().backward()
     for net in (encoder, decoder):
         assert all(p.grad is not None for p in net.parameters())
+
+
+@pytest.mark.parametrize(
+    ("target", "settings", "message"),
+    [
+        ("MLPEncoder", {"hidden_dims": []}, "hidden_dims=[]: it must be a list of integers >= 1"),
+        ("MLPDecoder", {"hidden_dims": [0]}, "hidden_dims=[0]: it must be a list of integers >= 1"),
+        ("MLPDecoder", {"out_channels": 0}, "out_channels=0: it must be an integer >= 1"),
+        (
+            "ConvEncoder",
+            {"channels": [8] * 6},
+            "channels=[8, 8, 8, 8, 8, 8]: it must be a list of integers >= 1 and at most 5 entries",
+        ),
+        (
+            "ConvDecoder",
+            {"channels": [8] * 6},
+            "channels=[8, 8, 8, 8, 8, 8]: it must be a list of integers >= 1 and at most 5 entries",
+        ),
+        ("ConvDecoder", {"out_channels": True}, "out_channels=True: it must be an integer >= 1"),
+    ],
+)
+def test_a_bad_layer_setting_is_refused_by_name(target, settings, message):
+    build = getattr(architectures, target)
+    with pytest.raises(ValueError) as refused:
+        build(latent_dim=2, **settings)
+    assert str(refused.value) == message

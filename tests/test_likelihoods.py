@@ -11,6 +11,7 @@ from vae_lightning.core.estimators import grid_log_likelihood, sampled_estimates
 from vae_lightning.core.likelihoods import (
     DiscretizedGaussian,
     DiscretizedLogisticMixture,
+    Gaussian,
     GaussianLikelihood,
     LogisticMixtureLikelihood,
 )
@@ -306,3 +307,56 @@ def test_training_on_the_iwae_bound_logs_it_and_validates_on_the_elbo(cifar_dir,
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/bpd"])
     assert metrics["train/loss"] <= -metrics["train/elbo"] + 1e-3
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+@pytest.mark.parametrize("value", [0, True, 1.5])
+def test_a_bad_number_of_mixtures_is_refused(value):
+    with pytest.raises(ValueError) as refused:
+        LogisticMixtureLikelihood(num_mixtures=value)
+    expected = f"num_mixtures={value!r} is not allowed: num_mixtures must be an integer >= 1."
+    assert str(refused.value) == expected
+    assert LogisticMixtureLikelihood(num_mixtures=1).out_channels == 10
+
+
+@pytest.mark.parametrize(
+    ("sigma_mode", "kind"),
+    [("fixed", "gaussian"), ("heteroscedastic", "gaussian"), ("fixed", "discretized_gaussian")],
+)
+def test_the_latent_grid_is_the_sum_over_its_cell_centres_written_out(sigma_mode, kind):
+    """log sum_g p(x|z_g) N(z_g; 0, I) dV over the 6 x 6 cell centres of [-3, 3]^2, one point at
+    a time through the model's own log-likelihood; the first image is the decoder's mean at one
+    centre, so that its squared error there is near 0."""
+    torch.manual_seed(0)
+    head = head_config(kind, sigma=0.3, sigma_mode=sigma_mode)
+    vae = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=2, likelihood=head).double().vae
+    centres = torch.arange(6, dtype=torch.float64) - 2.5
+    points = torch.cartesian_prod(centres, centres)
+    with torch.no_grad():
+        x = torch.cat([vae.decode(points[14:15]), batch(2)])
+        log_joint = torch.stack(
+            [
+                vae.log_likelihood(x, z.expand(len(x), 2)) + Normal(0.0, 1.0).log_prob(z).sum()
+                for z in points
+            ],
+            dim=1,
+        )
+        grid = grid_log_likelihood(vae, x, 6, 3.0, max_batch=20).log_px
+    torch.testing.assert_close(grid, torch.logsumexp(log_joint, dim=1), rtol=1e-9, atol=1e-6)
+
+
+@pytest.mark.parametrize("distribution", [Gaussian, DiscretizedGaussian])
+def test_gaussian_samples_have_the_mean_and_spread_of_the_model(distribution):
+    loc = torch.tensor([0.2, 0.5, 0.7]).view(1, 3, 1, 1).expand(100_000, 3, 1, 1)
+    log_scale = torch.tensor([0.05, 0.1, 0.02]).log().view(1, 3, 1, 1)
+    samples = distribution(loc, log_scale).sample(torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        samples.mean(0).flatten(), torch.tensor([0.2, 0.5, 0.7]), atol=2e-3, rtol=0
+    )
+    if distribution is Gaussian:
+        torch.testing.assert_close(
+            samples.std(0).flatten(), torch.tensor([0.05, 0.1, 0.02]), atol=2e-3, rtol=0
+        )
+    else:  # the 8-bit values of the bins: their centres, spread as the Gaussian's mass over them
+        torch.testing.assert_close(samples * 256 - 0.5, (samples * 256 - 0.5).round())
+        expected = (torch.tensor([0.05, 0.1, 0.02]).square() + 1 / (12 * 256**2)).sqrt()
+        torch.testing.assert_close(samples.std(0).flatten(), expected, atol=2e-3, rtol=0)
