@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
+from tests.helpers import make_module
 from vae_lightning.core.elbo import (
     bits_per_dim,
+    diagonal_normal_log_density,
     gaussian_log_likelihood,
     kl_to_standard_normal,
     log_likelihood_from_squared_error,
@@ -118,3 +120,23 @@ def test_the_log_likelihood_keeps_the_precision_of_its_squared_error():
     expected = -0.5 * (1e5 + 1e-3) / 0.01 - 3072 * math.log(0.1) - 1536 * math.log(2 * math.pi)
     assert value.dtype == torch.float64
     assert value.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_normal_log_density_takes_float_parameters_in_the_latents_precision():
+    z = torch.randn(4, 3, dtype=torch.float64)
+    expected = Normal(torch.tensor(0.1, dtype=torch.float64), math.exp(0.15)).log_prob(z).sum(1)
+    value = diagonal_normal_log_density(z, 0.1, 0.3)
+    assert value.dtype == torch.float64
+    torch.testing.assert_close(value, expected, rtol=0, atol=1e-13)
+
+
+def test_one_image_gets_the_same_terms_as_in_a_batch():
+    torch.manual_seed(0)
+    vae = make_module().vae
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(1)
+    batch = vae.elbo_terms(x)
+    torch.manual_seed(1)
+    first = vae.elbo_terms(x[:1])
+    torch.testing.assert_close(first.bpd, batch.bpd[:1])
+    torch.testing.assert_close(first.elbo, batch.elbo[:1])

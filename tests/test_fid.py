@@ -1,5 +1,6 @@
 """FID: the Fréchet distance, the streaming statistics, the TF resize, caching and resuming."""
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -85,6 +86,17 @@ def test_tf_resize_samples_the_input_at_j_times_in_over_out():
     resized = tf_bilinear_resize(x)
     torch.testing.assert_close(resized, reference)
     torch.testing.assert_close(resized[..., 0, 0], x[..., 0, 0])  # output 0 samples input 0
+    tall = torch.rand(3, 5, 9, dtype=torch.float64)  # (C, H, W), not square
+    expected = torch.empty(3, 7, 7, dtype=torch.float64)
+    for i in range(7):
+        for j in range(7):
+            y, x_ = i * 5 / 7, j * 9 / 7
+            y0, x0 = math.floor(y), math.floor(x_)
+            y1, x1 = min(y0 + 1, 4), min(x0 + 1, 8)
+            top = tall[:, y0, x0] * (1 - (x_ - x0)) + tall[:, y0, x1] * (x_ - x0)
+            bottom = tall[:, y1, x0] * (1 - (x_ - x0)) + tall[:, y1, x1] * (x_ - x0)
+            expected[:, i, j] = top * (1 - (y - y0)) + bottom * (y - y0)
+    torch.testing.assert_close(tf_bilinear_resize(tall, 7), expected)
     flat = torch.full((1, 3, 32, 32), 7.0, dtype=torch.float64)
     torch.testing.assert_close(tf_bilinear_resize(flat), torch.full((1, 3, 299, 299), 7.0).double())
 
@@ -172,9 +184,11 @@ def test_statistics_of_features_far_from_zero_keep_their_covariance():
 def test_generated_images_become_8_bit_by_clamping_then_rounding():
     values = torch.tensor([-0.5, 0.0, 0.4 / 255, 0.6 / 255, 0.5, 254.6 / 255, 1.0, 1.7])
     images = values.view(1, 1, 1, 8).expand(2, 3, 32, 8)
-    pixels = generated_slices(lambda start, stop: images[start:stop])(0, 2)
+    images = torch.cat([images, torch.zeros(2, 3, 32, 8)])
+    pixels = generated_slices(lambda start, stop: images[start:stop])(1, 3)
     assert pixels.dtype == torch.uint8 and pixels.shape == (2, 3, 32, 8)
     assert pixels[0, 0, 0].tolist() == [0, 0, 0, 1, 128, 255, 255, 255]
+    assert not pixels[1].any()  # images 1 and 2 of the four: the slice asked for
 
 
 class FlatFeatures(nn.Module):
@@ -214,10 +228,50 @@ def test_statistics_are_cached_under_their_key(tmp_path):
     first = cached_statistics(tmp_path, {"n": 40, "files": "abc"}, compute)
     again = cached_statistics(tmp_path, {"files": "abc", "n": 40}, compute)
     assert extractor.images == 40 and again.count == first.count == 40
+    torch.testing.assert_close(again.total, first.total)
     torch.testing.assert_close(again.outer, first.outer)
+    # the file names that earlier versions wrote, so that their caches are found
+    name = hashlib.sha256(b'{"files": "abc", "n": 40}').hexdigest()[:20]
+    assert json.loads((tmp_path / f"{name}.json").read_text()) == {"files": "abc", "n": 40}
+    assert (tmp_path / f"{name}.json").read_text().startswith('{\n "files": "abc",')
     cached_statistics(tmp_path, {"n": 40, "files": "abd"}, compute)  # other data: computed
     assert extractor.images == 80
     assert not list(tmp_path.glob("*.partial.pt"))
+
+
+def test_an_interrupted_cached_pass_resumes_and_a_short_one_needs_no_partial_file(tmp_path):
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+
+    def compute(extractor):
+        slices = image_slices(images, "cpu")
+        return lambda partial: feature_statistics(extractor, slices, 40, "x", partial, 10, 20)
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_statistics(tmp_path, {"n": 40}, compute(CountingExtractor(3)))
+    resumed = CountingExtractor()
+    cached_statistics(tmp_path, {"n": 40}, compute(resumed))
+    assert resumed.images == 20  # after the 20 that the partial file counted
+    short = CountingExtractor()
+    slices = image_slices(images, "cpu")
+    once = cached_statistics(  # fewer images than a chunk: no partial file was ever written
+        tmp_path, {"n": 5}, lambda partial: feature_statistics(short, slices, 5, "x", partial, 10)
+    )
+    assert once.count == 5 and not list(tmp_path.glob("*.partial.pt"))
+
+
+def test_the_real_statistics_cache_key_names_the_network_split_count_and_files(cifar_dir, tmp_path):
+    real_statistics(FlatFeatures(), cifar_dir, "train", 12, tmp_path, torch.device("cpu"), 6)
+    (key_file,) = tmp_path.glob("*.json")
+    key = json.loads(key_file.read_text())
+    assert set(key) == {"network", "split", "num_images", "files"}
+    assert key["network"] == "flat" and key["split"] == "train" and key["num_images"] == 12
+    folder = cifar_dir / "cifar-10-batches-py"
+    digests = {
+        name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in key["files"]
+    }
+    assert (
+        list(key["files"]) == [f"data_batch_{i}" for i in range(1, 6)] and key["files"] == digests
+    )
 
 
 def test_a_given_weights_file_that_is_missing_or_another_is_named(tmp_path):

@@ -14,6 +14,7 @@ from vae_lightning.core.likelihoods import (
     Gaussian,
     GaussianLikelihood,
     LogisticMixtureLikelihood,
+    bin_index,
 )
 from vae_lightning.training.lit_module import VAELitModule
 
@@ -237,19 +238,20 @@ def test_discrete_likelihoods_report_code_lengths():
     assert torch.all(terms["discretized_gaussian"]["bpd"] < gaussian_bpd)  # sigma >> bin width
 
 
-def test_iwae_objective_is_the_k_sample_bound():
-    module = make_module(sigma=0.2, objective="iwae", iwae_samples=5)
+@pytest.mark.parametrize("k", [2, 5])
+def test_iwae_objective_is_the_k_sample_bound(k):
+    module = make_module(sigma=0.2, objective="iwae", iwae_samples=k)
     x = batch(3)
     torch.manual_seed(11)
     terms = module.compute_terms(x, module.iwae_samples)
     torch.manual_seed(11)
     mu, logvar = module.vae.encode(x)
     std = torch.exp(0.5 * logvar)
-    z = mu + std * torch.randn(5, *mu.shape, dtype=mu.dtype)
-    x_hat = module.vae.decoder(z.flatten(0, 1)).sigmoid().view(5, *x.shape)
+    z = mu + std * torch.randn(k, *mu.shape, dtype=mu.dtype)
+    x_hat = module.vae.decoder(z.flatten(0, 1)).sigmoid().view(k, *x.shape)
     log_px_z = Normal(x_hat, 0.2).log_prob(x).flatten(2).sum(2)
     log_w = log_px_z + Normal(0.0, 1.0).log_prob(z).sum(2) - Normal(mu, std).log_prob(z).sum(2)
-    iwae = torch.logsumexp(log_w, 0) - math.log(5)
+    iwae = torch.logsumexp(log_w, 0) - math.log(k)
     torch.testing.assert_close(terms["loss"], -iwae)
     kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)
     torch.testing.assert_close(terms["elbo"], log_px_z.mean(0) - kl)
@@ -273,13 +275,14 @@ def test_the_latent_grid_scores_any_likelihood():
 
 
 @pytest.mark.parametrize(
-    ("kind", "largest_call"),
+    ("kind", "images", "max_batch", "largest_call"),
     [
-        ("gaussian", 15),  # 40 latents a call: all 5 samples of the 3 images at once
-        ("logistic_mixture", 6),  # 2 mixtures, 20 outputs for 3: 40 * 3 // 20
+        ("gaussian", 3, 40, 15),  # 40 latents a call: all 5 samples of the 3 images at once
+        ("logistic_mixture", 3, 40, 6),  # 2 mixtures, 20 outputs for 3: 40 * 3 // 20
+        ("logistic_mixture", 1, 1, 1),  # 1 * 3 // 20 = 0: one latent a call still
     ],
 )
-def test_max_batch_bounds_the_decoder_outputs_of_every_head(kind, largest_call):
+def test_max_batch_bounds_the_decoder_outputs_of_every_head(kind, images, max_batch, largest_call):
     """eval.max_batch counts latents for a head with one output per image value, fewer for a
     head with more, and the estimates do not depend on how the draws are split."""
     module = make_module(kind=kind)
@@ -288,9 +291,10 @@ def test_max_batch_bounds_the_decoder_outputs_of_every_head(kind, largest_call):
 
     def estimates(max_batch: int):
         gen = torch.Generator().manual_seed(3)
-        return sampled_estimates(module.vae, batch(3), 5, max_batch=max_batch, generator=gen)
+        x = batch(images)
+        return sampled_estimates(module.vae, x, 5, max_batch=max_batch, generator=gen)
 
-    split = estimates(max_batch=40)
+    split = estimates(max_batch=max_batch)
     assert max(calls) == largest_call
     for a, b in zip(split, estimates(max_batch=10_000), strict=True):
         torch.testing.assert_close(a, b)
@@ -360,3 +364,48 @@ def test_gaussian_samples_have_the_mean_and_spread_of_the_model(distribution):
         torch.testing.assert_close(samples * 256 - 0.5, (samples * 256 - 0.5).round())
         expected = (torch.tensor([0.05, 0.1, 0.02]).square() + 1 / (12 * 256**2)).sqrt()
         torch.testing.assert_close(samples.std(0).flatten(), expected, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("distribution", [Gaussian, DiscretizedGaussian, "logistic_mixture"])
+def test_samples_follow_the_generator_they_are_given(distribution):
+    if distribution == "logistic_mixture":
+        p = DiscretizedLogisticMixture(torch.randn(2, 20, 4, 4, dtype=torch.float64), 2)
+    else:
+        p = distribution(torch.rand(2, 3, 4, 4, dtype=torch.float64), torch.tensor(-3.0))
+
+    def draw(seed: int) -> torch.Tensor:
+        torch.manual_seed(123)  # the global stream stays the same: only the generator differs
+        return p.sample(torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
+
+
+def test_bins_of_values_at_and_past_the_ends_are_the_end_bins():
+    values = torch.tensor([-0.1, 0.0, 0.5 / 256, 255.5 / 256, 1.0, 1.2])
+    assert bin_index(values).tolist() == [0, 0, 0, 255, 255, 255]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"sigma": 0.0}, "sigma=0.0 is not allowed: sigma must be a number > 0."),
+        ({"sigma": "big"}, "sigma='big' is not allowed: sigma must be a number > 0."),
+        ({"sigma": True}, "sigma=True is not allowed: sigma must be a number > 0."),
+        (
+            {"sigma_mode": "free"},
+            "sigma_mode='free' is not allowed: sigma_mode must be one of fixed, learned, "
+            "optimal, per_pixel, heteroscedastic.",
+        ),
+    ],
+)
+def test_a_bad_gaussian_setting_is_refused_by_name(settings, message):
+    with pytest.raises(ValueError) as refused:
+        GaussianLikelihood(**settings)
+    assert str(refused.value) == message
+
+
+def test_the_optimal_sigma_is_floored_for_a_perfect_reconstruction():
+    head = GaussianLikelihood(0.1, "optimal")
+    loc = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    p_loss = head.loss_distribution(head(torch.logit(loc)), head(torch.logit(loc)).loc)
+    torch.testing.assert_close(p_loss.log_scale, torch.full_like(loc, math.log(1e-3)))

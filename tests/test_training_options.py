@@ -45,6 +45,7 @@ def test_cyclical_annealing_rises_over_the_first_ratio_of_each_cycle():
         ({"ratio": 0.0}, "ratio=0.0 is not allowed: ratio must be in (0, 1]."),
         ({"ratio": 1.5}, "ratio=1.5 is not allowed: ratio must be in (0, 1]."),
         ({"start": -1.0}, "start=-1.0 is not allowed: start must be a number >= 0."),
+        ({"start": "0"}, "start='0' is not allowed: start must be a number >= 0."),
     ],
 )
 def test_bad_schedules_are_refused(setting, message):
