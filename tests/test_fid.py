@@ -163,10 +163,18 @@ def test_a_damaged_or_crafted_partial_pass_file_is_computed_anew_and_runs_no_cod
     torch.save({"count": 10, "total": LeavesMarker(marker)}, partial)
     with caplog.at_level(logging.WARNING):
         stats = feature_statistics(CountingExtractor(), slices, 30, "x", partial, 10, chunk=10)
-    assert not marker.exists() and "does not load" in caplog.text
+    assert not marker.exists() and "does not load (Weights only load failed" in caplog.text
     whole = feature_statistics(CountingExtractor(), slices, 30, "x", None, 10)
     assert stats.count == 30
     torch.testing.assert_close(stats.outer, whole.outer)
+    key = {"n": 30}  # a crafted file in the cache: computed anew, no code run
+    name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
+    torch.save({"count": 30, "total": LeavesMarker(marker)}, tmp_path / f"{name}.pt")
+    counting = CountingExtractor()
+    cached = cached_statistics(
+        tmp_path, key, lambda partial: feature_statistics(counting, slices, 30, "x", partial, 10)
+    )
+    assert not marker.exists() and counting.images == 30 and cached.count == 30
 
 
 def test_statistics_of_features_far_from_zero_keep_their_covariance():
@@ -239,7 +247,7 @@ def test_statistics_are_cached_under_their_key(tmp_path):
     assert not list(tmp_path.glob("*.partial.pt"))
 
 
-def test_an_interrupted_cached_pass_resumes_and_a_short_one_needs_no_partial_file(tmp_path):
+def test_an_interrupted_cached_pass_resumes(tmp_path):
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
 
     def compute(extractor):
@@ -251,27 +259,33 @@ def test_an_interrupted_cached_pass_resumes_and_a_short_one_needs_no_partial_fil
     resumed = CountingExtractor()
     cached_statistics(tmp_path, {"n": 40}, compute(resumed))
     assert resumed.images == 20  # after the 20 that the partial file counted
-    short = CountingExtractor()
-    slices = image_slices(images, "cpu")
-    once = cached_statistics(  # fewer images than a chunk: no partial file was ever written
-        tmp_path, {"n": 5}, lambda partial: feature_statistics(short, slices, 5, "x", partial, 10)
-    )
-    assert once.count == 5 and not list(tmp_path.glob("*.partial.pt"))
+    assert not list(tmp_path.glob("*.partial.pt"))  # removed once the statistics are stored
 
 
-def test_the_real_statistics_cache_key_names_the_network_split_count_and_files(cifar_dir, tmp_path):
-    real_statistics(FlatFeatures(), cifar_dir, "train", 12, tmp_path, torch.device("cpu"), 6)
-    (key_file,) = tmp_path.glob("*.json")
-    key = json.loads(key_file.read_text())
-    assert set(key) == {"network", "split", "num_images", "files"}
-    assert key["network"] == "flat" and key["split"] == "train" and key["num_images"] == 12
-    folder = cifar_dir / "cifar-10-batches-py"
-    digests = {
-        name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in key["files"]
+def test_a_real_pass_is_keyed_by_network_split_count_and_files_and_resumes(tmp_path, capsys):
+    """1,250 training images (a chunk of 1,000 is saved): a pass stopped after 1,200 resumes
+    after 1,000, in batches of the size asked for."""
+    data = write_cifar10(tmp_path / "data", images_per_file=250)
+    cpu, cache = torch.device("cpu"), tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        real_statistics(CountingExtractor(6), data, "train", None, cache, cpu, 200)
+    resumed = CountingExtractor()
+    real_statistics(resumed, data, "train", None, cache, cpu, 200)
+    assert resumed.images == 250 and resumed.calls == 2
+    assert "FID features of the train set: 1250/1250 images" in capsys.readouterr().err
+    real_statistics(FlatFeatures(), data, "test", 12, cache, cpu, 6)
+    folder = data / "cifar-10-batches-py"
+    keys = [json.loads(path.read_text()) for path in cache.glob("*.json")]
+    by_split = {key["split"]: key for key in keys}
+    digest = hashlib.sha256((folder / "test_batch").read_bytes()).hexdigest()
+    assert by_split["test"] == {
+        "network": "flat",
+        "split": "test",
+        "num_images": 12,
+        "files": {"test_batch": digest},
     }
-    assert (
-        list(key["files"]) == [f"data_batch_{i}" for i in range(1, 6)] and key["files"] == digests
-    )
+    assert by_split["train"]["num_images"] == 1250
+    assert list(by_split["train"]["files"]) == [f"data_batch_{i}" for i in range(1, 6)]
 
 
 def test_a_given_weights_file_that_is_missing_or_another_is_named(tmp_path):

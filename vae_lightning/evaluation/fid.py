@@ -106,20 +106,10 @@ def feature_statistics(
     """Statistics of ``extractor`` features of ``total`` images, where ``batches(start, stop)``
     gives images ``start:stop`` as uint8 ``(n, 3, 32, 32)`` on the extractor's device. Every
     ``chunk`` images the statistics so far go to ``partial_file`` (atomically), and a pass
-    that finds that file continues after the images it counts (one that does not load, read as
-    weights only, is computed anew)."""
-    stats = None
-    if partial_file is not None and partial_file.is_file():
-        try:
-            state = torch.load(partial_file, weights_only=True)
-            stats = FeatureStats(int(state["count"]), state["total"], state["outer"])
-        except Exception as err:  # damaged or foreign: the pass starts over and overwrites it
-            reason = first_line(err)
-            log.warning(f"FID features of {what}: {partial_file} does not load ({reason}): anew")
-        else:
-            log.info(
-                f"FID features of {what}: resuming after {stats.count} images ({partial_file})"
-            )
+    that finds that file continues after the images it counts (``saved_statistics``)."""
+    stats = saved_statistics(partial_file) if partial_file is not None else None
+    if stats is not None:
+        log.info(f"FID features of {what}: resuming after {stats.count} images ({partial_file})")
     start = stats.count if stats else 0
     progress = PassProgress(f"FID features of {what}", total, start, every=chunk)
     with torch.no_grad():
@@ -135,16 +125,29 @@ def feature_statistics(
     return stats
 
 
+def saved_statistics(path: Path) -> FeatureStats | None:
+    """The statistics saved at ``path``, read as weights only; None when there is no such file,
+    or (with a warning) when it does not load: damaged or foreign, it is computed anew."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+        return FeatureStats(int(state["count"]), state["total"], state["outer"])
+    except Exception as err:
+        log.warning(f"FID statistics: {path} does not load ({first_line(err)}): computed anew")
+        return None
+
+
 def cached_statistics(
     cache_dir: Path, key: dict, compute: Callable[[Path], FeatureStats]
 ) -> FeatureStats:
-    """The statistics stored under ``key`` in ``cache_dir``, else ``compute(partial_file)``,
-    stored there; the key is a JSON dict of everything the statistics depend on."""
+    """The statistics stored under ``key`` in ``cache_dir`` (``saved_statistics``), else
+    ``compute(partial_file)``, stored there; the key is a JSON dict of everything the
+    statistics depend on."""
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     final, partial = cache_dir / f"{name}.pt", cache_dir / f"{name}.partial.pt"
-    if final.is_file():
-        state = torch.load(final, weights_only=True)
-        return FeatureStats(state["count"], state["total"], state["outer"])
+    if (stats := saved_statistics(final)) is not None:
+        return stats
     stats = compute(partial)
     write_text_atomically(cache_dir / f"{name}.json", json.dumps(key, indent=1, sort_keys=True))
     torch_save_atomically(stats.state(), final)
