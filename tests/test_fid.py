@@ -273,13 +273,15 @@ def test_a_real_pass_is_keyed_by_network_split_count_and_files_and_resumes(tmp_p
     real_statistics(resumed, data, "train", None, cache, cpu, 200)
     assert resumed.images == 250 and resumed.calls == 2
     assert "FID features of the train set: 1250/1250 images" in capsys.readouterr().err
-    real_statistics(FlatFeatures(), data, "test", 12, cache, cpu, 6)
+    counting = CountingExtractor()
+    real_statistics(counting, data, "test", 12, cache, cpu, 6)
+    assert counting.calls == 2  # 12 images in batches of 6
     folder = data / "cifar-10-batches-py"
     keys = [json.loads(path.read_text()) for path in cache.glob("*.json")]
     by_split = {key["split"]: key for key in keys}
     digest = hashlib.sha256((folder / "test_batch").read_bytes()).hexdigest()
     assert by_split["test"] == {
-        "network": "flat",
+        "network": "counting",
         "split": "test",
         "num_images": 12,
         "files": {"test_batch": digest},

@@ -320,6 +320,7 @@ def test_a_bad_number_of_mixtures_is_refused(value):
     expected = f"num_mixtures={value!r} is not allowed: num_mixtures must be an integer >= 1."
     assert str(refused.value) == expected
     assert LogisticMixtureLikelihood(num_mixtures=1).out_channels == 10
+    assert LogisticMixtureLikelihood().out_channels == 100  # 10 mixtures by default
 
 
 @pytest.mark.parametrize(

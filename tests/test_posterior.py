@@ -41,6 +41,7 @@ def test_mutual_information_of_a_shared_posterior_and_of_separate_ones():
 def test_active_units_count_the_dimensions_over_the_threshold():
     assert active_units(torch.tensor([0.5, 0.001, 0.02, 0.0]), threshold=0.01) == 2
     assert active_units(torch.tensor([0.01, 0.0100001]), threshold=0.01) == 1  # over, not at
+    assert active_units(torch.tensor([0.005, 0.02])) == 1  # the documented default, 0.01
 
 
 def test_validation_logs_latent_usage_and_a_kl_histogram(cifar_dir, tmp_path):
