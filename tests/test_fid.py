@@ -148,7 +148,7 @@ def test_a_resumed_pass_reports_the_rate_of_the_images_it_computed(
     capsys.readouterr()
     clock = iter(range(100))  # one second per reading: 3 batches of 100 by the first line
     monkeypatch.setattr(pass_progress.time, "perf_counter", lambda: next(clock))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="vae_lightning.evaluation.fid"):
         feature_statistics(CountingExtractor(), slices, 950, "x", partial, 100, chunk=300)
     first = capsys.readouterr().err.splitlines()[0]
     assert first.startswith("FID features of x: 900/950 images, 100.0 images/s")  # not 300/s
