@@ -6,6 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TRAINING := $(VENV)/.installed-train
 DEVELOPMENT := $(VENV)/.installed-dev
+MUTATION := $(VENV)/.installed-mutants
 PIP    := $(BIN)/python -m pip install --progress-bar off --disable-pip-version-check
 
 .PHONY: install train test lint mutants
@@ -37,10 +38,14 @@ test: $(DEVELOPMENT)
 lint: $(DEVELOPMENT)
 	$(BIN)/pre-commit run --all-files
 
+$(MUTATION): pyproject.toml | $(BIN)/python
+	$(PIP) -e ".[mutants]"
+	touch $(MUTATION) $(DEVELOPMENT) $(TRAINING)
+
 ## mutants: mutation testing of the math ([tool.mutmut] in pyproject.toml): one planted bug at a
 ## time, each against the fast tests that reach it. Fails when a mutant survives that
 ## tests/mutants_equivalent.txt does not explain. Resumes where it stopped; JOBS=2 processes.
-mutants: $(DEVELOPMENT)
+mutants: $(MUTATION)
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(or $(JOBS),2)
 	$(BIN)/mutmut results | awk -F': ' '$$2 == "survived" || $$2 == "no tests" {print $$1}' \
 		| tr -d ' ' | sort > mutants/survivors.txt
