@@ -115,6 +115,7 @@ def test_a_fitted_sampler_is_saved_and_read_back_instead_of_refitted(tmp_path, c
     [
         ("eval.samplers.gmm.components=0", "eval.samplers.gmm.components=0 is not allowed"),
         ("eval.samplers.prior.temperature=0", "eval.samplers.prior.temperature=0 is not allowed"),
+        ("eval.samplers.prior.temperature=hot", "eval.samplers.prior.temperature='hot' is not"),
         ("eval.samplers.two_stage.epochs=0", "eval.samplers.two_stage.epochs=0 is not allowed"),
     ],
 )

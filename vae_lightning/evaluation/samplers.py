@@ -60,9 +60,8 @@ class PriorSampler(LatentSampler):
 
     def __init__(self, latent_dim: int, temperature: float = 1.0) -> None:
         super().__init__(latent_dim)
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
-            temperature = -1
-        if not temperature > 0:
+        number = isinstance(temperature, int | float) and not isinstance(temperature, bool)
+        if not (number and temperature > 0):
             raise ConfigError(
                 f"temperature={temperature!r} is not allowed: temperature must be a number > 0."
             )
