@@ -21,7 +21,8 @@ from hydra import compose, initialize_config_dir
 
 from vae_lightning.cli import CONFIG_DIR
 from vae_lightning.data.cifar10 import BASE_FOLDER, TEST_FILES, TRAIN_FILES
-from vae_lightning.training.lit_module import LIKELIHOOD_KINDS, VAELitModule
+from vae_lightning.training.checkpoint_format import LIKELIHOOD_KINDS
+from vae_lightning.training.lit_module import VAELitModule
 
 ROOT = Path(__file__).resolve().parents[1]
 """The project's folder: on PYTHONPATH in commands the tests run, for their test callbacks."""

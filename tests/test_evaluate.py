@@ -38,8 +38,8 @@ from vae_lightning.report import (
     write_report,
 )
 from vae_lightning.results import best_checkpoint, bpd_kind, evaluation, saved_val_bpd, table_row
+from vae_lightning.training.checkpoint_format import current_settings
 from vae_lightning.training.checkpoints import load_model
-from vae_lightning.training.lit_module import current_settings
 
 pytestmark = pytest.mark.cli
 

@@ -16,8 +16,8 @@ from vae_lightning.core.kl_schedule import KLSchedule
 from vae_lightning.errors import ConfigError, first_line
 from vae_lightning.evaluation.feature_networks import check_network
 from vae_lightning.launch.run_files import flatten
+from vae_lightning.training.checkpoint_format import current_settings
 from vae_lightning.training.checkpoints import read_checkpoint
-from vae_lightning.training.lit_module import current_settings
 from vae_lightning.training.loggers import check_wandb_settings
 
 

@@ -21,8 +21,8 @@ import torch
 from vae_lightning.cli import argument_parser, one_line_errors
 from vae_lightning.files import read_run_file, write_table
 from vae_lightning.launch.run_files import NOT_RESULT_SETTINGS, RunFilesNotFoundError, threads
+from vae_lightning.training.checkpoint_format import val_bpd_scores
 from vae_lightning.training.checkpoints import load_model, read_checkpoint
-from vae_lightning.training.lit_module import val_bpd_scores
 
 COLUMNS = {
     "run": "run",

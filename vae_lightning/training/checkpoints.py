@@ -14,7 +14,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vae_lightning.errors import UserError, first_line
 from vae_lightning.files import torch_save_atomically
-from vae_lightning.training.lit_module import VAELitModule, current_settings
+from vae_lightning.training.checkpoint_format import current_settings
+from vae_lightning.training.lit_module import VAELitModule
 
 MODEL_SETTINGS = ("arch", "optimizer", "latent_dim")
 """Settings every ``VAELitModule`` checkpoint holds under ``hyper_parameters``."""

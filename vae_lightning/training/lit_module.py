@@ -12,10 +12,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
 from vae_lightning.core.kl_schedule import KLSchedule
 from vae_lightning.core.vae import VAE
+from vae_lightning.training.checkpoint_format import LIKELIHOOD_KINDS, checkpoint_best
 from vae_lightning.training.step_rows import DeviceRows, is_reading_step
 
 log = logging.getLogger(__name__)
@@ -44,14 +46,6 @@ DIVERGED_BPD = 1.0
 """Warn once when a validation's bpd lies this far above the run's best (its noise between
 epochs is 0.01 to 0.05 bpd): the run has diverged, with or without a NaN."""
 
-
-DEFAULT_LIKELIHOOD = "vae_lightning.core.likelihoods.GaussianLikelihood"
-LIKELIHOOD_KINDS = {
-    "gaussian": DEFAULT_LIKELIHOOD,
-    "discretized_gaussian": "vae_lightning.core.likelihoods.DiscretizedGaussianLikelihood",
-    "logistic_mixture": "vae_lightning.core.likelihoods.LogisticMixtureLikelihood",
-}
-"""The heads that checkpoints written before heads were chosen by ``_target_`` name by kind."""
 
 FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 """Optimizers with a fused kernel on CUDA and CPU that takes a ``found_inf`` flag."""
@@ -90,13 +84,13 @@ class VAELitModule(L.LightningModule):
         compile: bool = False,
         scheduler: Mapping[str, Any] | None = None,
         **likelihood_shortcuts: Any,
-    ) -> None:
+    ) -> None:  # pragma: no mutate block
         super().__init__()
         # Plain containers, so that checkpoints load with torch.load(weights_only=True).
         arch, optimizer = _to_plain(arch), _to_plain(optimizer)
         scheduler = _to_plain(scheduler) if scheduler else None
         kl_schedule = _to_plain(kl_schedule or {})
-        likelihood = _to_plain(likelihood or {"_target_": DEFAULT_LIKELIHOOD})
+        likelihood = _to_plain(likelihood or {"_target_": LIKELIHOOD_KINDS["gaussian"]})
         self.save_hyperparameters(logger=False)  # reads the arguments' current local values
         head = instantiate(likelihood)
         self.vae = VAE(
@@ -174,7 +168,7 @@ class VAELitModule(L.LightningModule):
             total = self.trainer.max_steps  # -1 when unlimited: refused in validate_config
         return self.kl_schedule(self.global_step, self.beta, total)
 
-    def on_fit_start(self) -> None:
+    def on_fit_start(self) -> None:  # pragma: no mutate block
         """Give each DDP rank a noise stream of its own (posterior samples, dequantization,
         flips): all ranks start from the same seed, so they would otherwise draw the same noise
         for their images. The weights are the same on every rank already (DDP broadcast them)."""
@@ -211,7 +205,7 @@ class VAELitModule(L.LightningModule):
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         return sums
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """The update's batches end here (the update guards, callbacks, decided on it first)."""
         self.update_finite = None
         self._update_start = len(self._steps)
@@ -269,7 +263,7 @@ class VAELitModule(L.LightningModule):
         self.log_dict(cpu, on_step=True, on_epoch=False)
         self._logged = True
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:  # pragma: no mutate block
         """Drop the values logged at the last step from Lightning's result collection, once
         Lightning has passed them on: it would walk them at every step and log them again at
         its next logging step. ``trainer.callback_metrics`` keeps them."""
@@ -279,7 +273,7 @@ class VAELitModule(L.LightningModule):
                 if key.startswith("on_train_batch_end.train/"):
                     result.reset()
 
-    def on_train_start(self) -> None:
+    def on_train_start(self) -> None:  # pragma: no mutate block
         """Apply the configured optimizer settings (``model.optimizer.lr``, ...) to a resumed
         optimizer: loading its state from a checkpoint brings back the old ones. With a
         scheduler, the learning rate is the resumed schedule's."""
@@ -302,11 +296,11 @@ class VAELitModule(L.LightningModule):
         checkpoint["best_val_bpd"] = self.best_val_bpd
         checkpoint["images_trained"] = self.images_trained
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # pragma: no mutate block
         state = checkpoint["state_dict"]
         if "vae.log_sigma" in state:  # written before sigma moved into the likelihood head
             state["vae.likelihood.log_sigma"] = state.pop("vae.log_sigma")
-        self.best_val_bpd = float(checkpoint.get("best_val_bpd", _checkpoint_best(checkpoint)))
+        self.best_val_bpd = float(checkpoint.get("best_val_bpd", checkpoint_best(checkpoint)))
         self._images_trained = int(checkpoint.get("images_trained", 0))
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
@@ -330,7 +324,7 @@ class VAELitModule(L.LightningModule):
         self.log("val/bpd_best", self.best_val_bpd, sync_dist=True)
         self._warn_if_diverged(bpd)
 
-    def _warn_if_diverged(self, bpd: float) -> None:
+    def _warn_if_diverged(self, bpd: float) -> None:  # pragma: no mutate block
         """Warn once when val/bpd lies DIVERGED_BPD above the run's best, unless a KL schedule
         still holds beta under its full value (a small beta lets the KL, and the bpd, grow)."""
         gap = bpd - self.best_val_bpd
@@ -355,7 +349,7 @@ class VAELitModule(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+    def configure_optimizers(self) -> Optimizer | dict[str, Any]:  # pragma: no mutate block
         """The configured optimizer, and its learning-rate scheduler (per epoch) when one is
         set; Adam, AdamW and SGD get their fused kernel on a GPU or CPU unless the config
         chooses (``model.optimizer.fused``, ``foreach``): one kernel for all parameters, which
@@ -371,47 +365,3 @@ class VAELitModule(L.LightningModule):
         scheduler = instantiate(self.hparams.scheduler)(optimizer)
         schedule = {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
-
-
-FORMER_SETTINGS = ("nonfinite_loss", "skip_grad_norm")
-"""Model settings of older checkpoints that are the update guards' now (``UpdateGuards``)."""
-
-
-def current_settings(saved: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's model settings as this version writes them: without ``FORMER_SETTINGS``;
-    a ``likelihood`` chosen by ``kind``, with ``sigma`` and ``sigma_mode`` among every model's
-    settings, becomes the head's ``_target_`` config, the Gaussian's sigma settings kept
-    beside it."""
-    settings = {k: v for k, v in saved.items() if k not in FORMER_SETTINGS}
-    likelihood = settings.get("likelihood") or {"kind": "gaussian"}
-    kind = likelihood.get("kind", "gaussian")
-    if "_target_" in likelihood or kind not in LIKELIHOOD_KINDS:
-        return settings
-    if kind == "logistic_mixture":
-        settings.pop("sigma", None)
-        settings.pop("sigma_mode", None)
-        head = {"num_mixtures": likelihood.get("num_mixtures", 10)}
-    else:
-        head = {
-            "sigma": settings.setdefault("sigma", 0.1),
-            "sigma_mode": settings.setdefault("sigma_mode", "fixed"),
-        }
-    settings["likelihood"] = {"_target_": LIKELIHOOD_KINDS[kind], **head}
-    return settings
-
-
-def val_bpd_scores(checkpoint: dict[str, Any], key: str) -> list[float]:
-    """``key`` (``best_model_score``, ``current_score``) of each ``ModelCheckpoint`` state in a
-    loaded checkpoint that monitors val/bpd, where recorded."""
-    scores = [
-        state.get(key)
-        for state in checkpoint.get("callbacks", {}).values()
-        if isinstance(state, dict) and state.get("monitor") == "val/bpd"
-    ]
-    return [float(s) for s in scores if s is not None]
-
-
-def _checkpoint_best(checkpoint: dict[str, Any]) -> float:
-    """The best val/bpd a checkpoint's ``ModelCheckpoint`` state recorded (checkpoints written
-    before the module kept its own), else infinity."""
-    return min(val_bpd_scores(checkpoint, "best_model_score"), default=math.inf)
