@@ -463,8 +463,8 @@ def fit_in_process(
 ) -> L.Trainer:
     """Fit ``module`` (resumed from ``ckpt_path`` if given) on the fixture data in this process,
     on the CPU, seeded, with ``callbacks`` (the default ``UpdateGuards`` unless they hold one)
-    and ``last.ckpt`` in ``checkpoint_dir``; ``trainer`` holds the Trainer's stopping arguments.
-    Quiet unless a callback is a progress bar."""
+    and ``last.ckpt`` in ``checkpoint_dir``; ``trainer`` holds the Trainer's other arguments
+    (stopping, logger: none unless given). Quiet unless a callback is a progress bar."""
     from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 
     from vae_lightning.data.cifar10 import CIFAR10DataModule
@@ -475,12 +475,11 @@ def fit_in_process(
 
     L.seed_everything(0)
     fitter = L.Trainer(
+        **{"logger": False, **trainer},
         accelerator="cpu",
-        logger=False,
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
         enable_model_summary=False,
         callbacks=[*callbacks, ModelCheckpoint(dirpath=checkpoint_dir, filename="last")],
-        **trainer,
     )
     data = CIFAR10DataModule(str(cifar_dir), batch_size=batch_size, num_workers=0, download=False)
     fitter.fit(module, datamodule=data, ckpt_path=ckpt_path)

@@ -2,6 +2,7 @@
 since the last logging step."""
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -9,12 +10,19 @@ import lightning as L
 import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, open_dict
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers import (
+    ADAM,
+    MLP,
+    NonFiniteBatchAt,
+    PerturbDecoderAt,
     callback_overrides,
     composed,
+    fit_in_process,
+    head_config,
     metrics_csv,
     offline_wandb_run,
     run_train,
@@ -22,7 +30,9 @@ from tests.helpers import (
     write_cifar10,
 )
 from vae_lightning.train import train
+from vae_lightning.training.lit_module import METRICS, VAELitModule
 from vae_lightning.training.step_rows import DeviceRows
+from vae_lightning.training.update_guards import UpdateGuards
 
 HOST_READS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "masked_select"}
 """Operators whose result the host must wait for on a GPU: ``.item()``, ``bool()``, ``float()``
@@ -165,3 +175,172 @@ def test_device_rows_hand_over_the_oldest_rows_and_keep_the_rest():
     assert taken == [(step, [step, 2.0 * step]) for step in range(70)] and len(rows) == 30
     assert rows.take() == [(step, [step, 2.0 * step]) for step in range(70, 100)]
     assert rows.take() == [] and len(rows) == 0
+
+
+class RecordingLogger(Logger):
+    """Test logger: appends each row Lightning hands it to ``events``, in order."""
+
+    def __init__(self, events: list) -> None:
+        super().__init__()
+        self.events = events
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.events.append(("log", step, dict(metrics)))
+
+
+def record_terms(module: VAELitModule, events: list) -> None:
+    """Spy on ``module.compute_terms``: append each batch's per-image terms to ``events``, with
+    the split and the KL weight it ran with."""
+    compute = module.compute_terms
+
+    def recording(x, *args):
+        terms = compute(x, *args)
+        trainer = module.trainer
+        split = "train" if trainer.training else "test" if trainer.testing else "val"
+        if not trainer.sanity_checking:
+            copied = {k: v.detach().double().clone() for k, v in terms.items()}
+            events.append((split, module.current_beta(), copied))
+        return terms
+
+    module.compute_terms = recording
+
+
+def image_mean(batches: list[dict[str, torch.Tensor]], name: str) -> float:
+    return float(torch.cat([terms[name] for terms in batches]).mean())
+
+
+def test_logged_training_values_are_the_image_means_of_the_finite_steps_since_the_last(
+    cifar_dir, tmp_path, monkeypatch
+):
+    """beta 0.5 rising from 0.2, free bits and a learned sigma (so loss, -ELBO and bpd all
+    differ), batches of 15 and 14, a NaN batch skipped at step 2, logged every 2 steps over two
+    epochs: each logged train/* value is the image mean of its finite batches since the last
+    row; sigma follows those batches' mean squared error; the images trained count them."""
+    monkeypatch.chdir(tmp_path)  # NonFiniteBatchAt writes its report here
+    schedule = {"kind": "linear", "start": 0.2, "warmup_steps": 3}
+    head = head_config("gaussian", sigma=0.3, sigma_mode="optimal")
+    module = VAELitModule(
+        MLP, ADAM, latent_dim=4, likelihood=head, beta=0.5, free_bits=0.05, kl_schedule=schedule
+    )
+    events: list = []
+    record_terms(module, events)
+    callbacks = [NonFiniteBatchAt(2), UpdateGuards(nonfinite_loss="skip")]
+    trainer = fit_in_process(
+        module,
+        cifar_dir,
+        tmp_path,
+        16,
+        callbacks,
+        max_epochs=2,
+        limit_val_batches=0,
+        log_every_n_steps=2,
+        logger=RecordingLogger(events),
+    )
+    batches = [terms for split, _, terms in events if split == "train"]
+    sizes = [len(terms["loss"]) for terms in batches]
+    assert len(sizes) == 10 and sum(sizes) == 2 * 72 and len(set(sizes)) == 2
+    assert [bool(t["loss"].isfinite().all()) for t in batches] == [i != 2 for i in range(10)]
+    assert [beta for split, beta, _ in events if split == "train"] == pytest.approx(
+        [0.2, 0.3, 0.4] + [0.5] * 7
+    )
+    rows, window = [], []
+    for kind, step, values in events:
+        if kind == "train" and values["loss"].isfinite().all():
+            window.append(values)
+        elif kind == "log" and "train/loss" in values:
+            rows.append((step, window, values))
+            window = []
+    assert [step for step, *_ in rows] == [1, 3, 5, 7, 9] and window == []
+    for step, window, logged in rows:
+        expected = {f"train/{name}": image_mean(window, name) for name in (*METRICS, "sigma")}
+        expected["train/beta"] = 0.2 + 0.3 * min(step / 3, 1.0)
+        assert {key: logged[key] for key in expected} == pytest.approx(expected, rel=1e-6)
+    assert module.images_trained == 2 * 72 - sizes[2]
+    assert trainer.callback_metrics["train/bpd"] == pytest.approx(rows[-1][2]["train/bpd"])
+
+    variance = torch.tensor(0.3**2, dtype=torch.float64)
+    for terms in batches:
+        if terms["loss"].isfinite().all():
+            variance += 0.01 * (terms["recon_mse"].mean() - variance)
+    assert float(module.vae.likelihood.log_sigma) == pytest.approx(0.5 * math.log(variance))
+
+
+def test_validation_and_test_metrics_are_the_image_means_of_their_split(cifar_dir, tmp_path):
+    """Each validation logs the image mean of its batches' terms (8 validation images, in two
+    batches), the best val/bpd so far, and val/bpd alone on the progress bar; a test logs
+    the test split's means."""
+    module = VAELitModule(MLP, ADAM, latent_dim=4, beta=2.0)
+    events: list = []
+    record_terms(module, events)
+    trainer = fit_in_process(
+        module,
+        cifar_dir,
+        tmp_path,
+        5,
+        [PerturbDecoderAt(0)],  # the second validation is worse than the first
+        max_epochs=3,
+        limit_train_batches=2,
+        log_every_n_steps=1,
+        logger=RecordingLogger(events),
+    )
+    validations, window = [], []
+    for kind, _, values in events:
+        if kind == "val":
+            window.append(values)
+        elif kind == "log" and "val/loss" in values:
+            validations.append((window, values))
+            window = []
+    assert len(validations) == 3
+    best = math.inf
+    for window, logged in validations:
+        assert len(window) == 2 and sum(len(terms["loss"]) for terms in window) == 8
+        best = min(best, image_mean(window, "bpd"))
+        expected = {f"val/{name}": image_mean(window, name) for name in METRICS}
+        expected["val/bpd_best"] = best
+        assert {key: logged[key] for key in expected} == pytest.approx(expected, rel=1e-6)
+    bpds = [logged["val/bpd"] for _, logged in validations]
+    assert bpds[1] > bpds[0] and best == pytest.approx(min(bpds))
+    assert set(trainer.progress_bar_metrics) == {"val/bpd"}
+
+    events.clear()
+    trainer.test(module, datamodule=trainer.datamodule, verbose=False)
+    tested = [values for kind, _, values in events if kind == "test"]
+    assert sum(len(terms["loss"]) for terms in tested) == 16
+    expected = {f"test/{name}": image_mean(tested, name) for name in METRICS}
+    logged = events[-1][2]
+    assert {key: logged[key] for key in expected} == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_cyclical_schedule_spans_a_run_bounded_by_epochs(cifar_dir, tmp_path, accumulate):
+    """Two cycles over two epochs of 5 batches (10 updates, or 5 when two batches make one),
+    rising over the first half of each cycle: beta per batch, by hand."""
+    schedule = {"kind": "cyclical", "cycles": 2, "ratio": 0.5}
+    module = VAELitModule(MLP, ADAM, latent_dim=4, beta=2.0, kl_schedule=schedule)
+    events: list = []
+    record_terms(module, events)
+    fit_in_process(
+        module,
+        cifar_dir,
+        tmp_path,
+        16,
+        max_epochs=2,
+        limit_val_batches=0,
+        accumulate_grad_batches=accumulate,
+    )
+    updates = 10 // accumulate
+    cycle = updates / 2
+    steps = [batch // accumulate for batch in range(10)]
+    expected = [2.0 * min((step % cycle) / cycle / 0.5, 1.0) for step in steps]
+    assert [beta for *_, beta, _ in events] == pytest.approx(expected)

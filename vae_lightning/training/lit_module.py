@@ -160,13 +160,16 @@ class VAELitModule(L.LightningModule):
 
     def current_beta(self) -> float:
         """The KL weight of the training loss at this step (``model.kl_schedule``)."""
+        return self.beta_at(self.global_step)
+
+    def beta_at(self, step: int) -> float:
+        """The KL weight of the training loss at optimizer step ``step``."""
         kind = self.kl_schedule.kind
         if kind == "constant" or self._trainer is None:
             return self.beta
+        # a cyclical schedule spans the run (one without an end is refused in validate_config)
         total = self.trainer.estimated_stepping_batches if kind == "cyclical" else math.inf
-        if not math.isfinite(total):
-            total = self.trainer.max_steps  # -1 when unlimited: refused in validate_config
-        return self.kl_schedule(self.global_step, self.beta, total)
+        return self.kl_schedule(step, self.beta, total)
 
     def on_fit_start(self) -> None:  # pragma: no mutate block
         """Give each DDP rank a noise stream of its own (posterior samples, dequantization,
@@ -255,8 +258,8 @@ class VAELitModule(L.LightningModule):
         values: dict[str, float] = {}
         if self._window_images:
             values |= {f"train/{k}": v / self._window_images for k, v in self._window.items()}
-        if self.kl_schedule.kind != "constant":
-            values["train/beta"] = self.current_beta()
+        if self.kl_schedule.kind != "constant":  # that of the last update, which is done
+            values["train/beta"] = self.beta_at(self.global_step - 1)
         if new_window:
             self._window, self._window_images = {}, 0.0
         cpu = {name: torch.tensor(float(v), dtype=torch.float64) for name, v in values.items()}
