@@ -5,6 +5,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -17,7 +18,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tests.helpers import (
     ADAM,
     MLP,
-    NonFiniteBatchAt,
     PerturbDecoderAt,
     callback_overrides,
     composed,
@@ -220,14 +220,37 @@ def image_mean(batches: list[dict[str, torch.Tensor]], name: str) -> float:
     return float(torch.cat([terms[name] for terms in batches]).mean())
 
 
+class InfiniteKLAt(L.Callback):
+    """Test callback: at global step ``step`` the encoder gives log-variances of -inf, so that
+    sigma_q = 0: z and the reconstruction stay finite, the KL and the loss do not."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.hook = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.hook = pl_module.vae.encoder.register_forward_hook(self.no_variance)
+
+    @staticmethod
+    def no_variance(encoder, inputs, output):
+        mu, logvar = output.chunk(2, dim=1)
+        return torch.cat([mu, torch.full_like(logvar, -math.inf)], dim=1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+
+
 def test_logged_training_values_are_the_image_means_of_the_finite_steps_since_the_last(
-    cifar_dir, tmp_path, monkeypatch
+    cifar_dir, tmp_path
 ):
     """beta 0.5 rising from 0.2, free bits and a learned sigma (so loss, -ELBO and bpd all
-    differ), batches of 15 and 14, a NaN batch skipped at step 2, logged every 2 steps over two
-    epochs: each logged train/* value is the image mean of its finite batches since the last
-    row; sigma follows those batches' mean squared error; the images trained count them."""
-    monkeypatch.chdir(tmp_path)  # NonFiniteBatchAt writes its report here
+    differ), batches of 15 and 14, a step with an infinite loss but a finite reconstruction
+    skipped at step 2, logged every 2 steps over two epochs: each logged train/* value is the
+    image mean of its finite batches since the last row; sigma follows those batches' mean
+    squared error; the images trained count them."""
     schedule = {"kind": "linear", "start": 0.2, "warmup_steps": 3}
     head = head_config("gaussian", sigma=0.3, sigma_mode="optimal")
     module = VAELitModule(
@@ -235,7 +258,7 @@ def test_logged_training_values_are_the_image_means_of_the_finite_steps_since_th
     )
     events: list = []
     record_terms(module, events)
-    callbacks = [NonFiniteBatchAt(2), UpdateGuards(nonfinite_loss="skip")]
+    callbacks = [InfiniteKLAt(2), UpdateGuards(nonfinite_loss="skip")]
     trainer = fit_in_process(
         module,
         cifar_dir,
@@ -251,6 +274,7 @@ def test_logged_training_values_are_the_image_means_of_the_finite_steps_since_th
     sizes = [len(terms["loss"]) for terms in batches]
     assert len(sizes) == 10 and sum(sizes) == 2 * 72 and len(set(sizes)) == 2
     assert [bool(t["loss"].isfinite().all()) for t in batches] == [i != 2 for i in range(10)]
+    assert batches[2]["recon_mse"].isfinite().all()
     assert [beta for split, beta, _ in events if split == "train"] == pytest.approx(
         [0.2, 0.3, 0.4] + [0.5] * 7
     )
@@ -344,3 +368,53 @@ def test_a_cyclical_schedule_spans_a_run_bounded_by_epochs(cifar_dir, tmp_path, 
     steps = [batch // accumulate for batch in range(10)]
     expected = [2.0 * min((step % cycle) / cycle / 0.5, 1.0) for step in steps]
     assert [beta for *_, beta, _ in events] == pytest.approx(expected)
+
+
+def test_the_iwae_objective_trains_on_its_k_sample_bound_and_validates_with_the_elbo(
+    cifar_dir, tmp_path
+):
+    module = VAELitModule(MLP, ADAM, latent_dim=4, objective="iwae", iwae_samples=3)
+    calls = []
+    compute = module.compute_terms
+
+    def recording(x, *args):
+        calls.append((module.trainer.training, args))
+        return compute(x, *args)
+
+    module.compute_terms = recording
+    fit_in_process(
+        module,
+        cifar_dir,
+        tmp_path,
+        16,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    assert calls == [(True, (3,)), (True, (3,)), (False, ())]
+
+
+class RecordingStrategy:
+    """Test strategy of a two-rank run whose other rank holds the same sums."""
+
+    def __init__(self) -> None:
+        self.reductions: list[str] = []
+
+    def reduce(self, tensor: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        self.reductions.append(reduce_op)
+        return 2 * tensor
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_step_sums_cover_the_global_batch(world_size):
+    """Each metric's sum over the batch's images, then the batch's size; under DDP, summed over
+    the ranks (one reduction)."""
+    module = VAELitModule(MLP, ADAM, latent_dim=4)
+    strategy = RecordingStrategy()
+    module._trainer = SimpleNamespace(world_size=world_size, strategy=strategy)
+    module._step_names = ["loss", "kl"]
+    terms = {"loss": torch.tensor([1.0, 2.0]), "kl": torch.tensor([3.0, 5.0]), "bpd": None}
+    sums = module._global_sums(terms)
+    assert sums.tolist() == [world_size * v for v in (3.0, 8.0, 2.0)]
+    assert strategy.reductions == ["sum"] * (world_size - 1)

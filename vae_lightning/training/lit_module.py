@@ -191,7 +191,7 @@ class VAELitModule(L.LightningModule):
         with torch.no_grad():
             sums = self._global_sums(terms)
             finite = torch.isfinite(sums[0])  # on every rank
-            self._steps.append(sums, (self.global_step, self.current_epoch))
+            self._steps.append(sums)
             if self.update_finite is not None:  # accumulating gradients
                 finite = finite & self.update_finite
             self.update_finite = finite
