@@ -348,8 +348,9 @@ def test_validation_and_test_metrics_are_the_image_means_of_their_split(cifar_di
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_a_cyclical_schedule_spans_a_run_bounded_by_epochs(cifar_dir, tmp_path, accumulate):
-    """Two cycles over two epochs of 5 batches (10 updates, or 5 when two batches make one),
-    rising over the first half of each cycle: beta per batch, by hand."""
+    """Two cycles over two epochs of 5 batches (10 updates, or 6 when two batches make one and
+    an epoch's last batch makes one alone), rising over the first half of each cycle: beta per
+    batch, by hand."""
     schedule = {"kind": "cyclical", "cycles": 2, "ratio": 0.5}
     module = VAELitModule(MLP, ADAM, latent_dim=4, beta=2.0, kl_schedule=schedule)
     events: list = []
@@ -363,9 +364,9 @@ def test_a_cyclical_schedule_spans_a_run_bounded_by_epochs(cifar_dir, tmp_path, 
         limit_val_batches=0,
         accumulate_grad_batches=accumulate,
     )
-    updates = 10 // accumulate
-    cycle = updates / 2
-    steps = [batch // accumulate for batch in range(10)]
+    per_epoch = math.ceil(5 / accumulate)
+    cycle = 2 * per_epoch / 2
+    steps = [epoch * per_epoch + batch // accumulate for epoch in (0, 1) for batch in range(5)]
     expected = [2.0 * min((step % cycle) / cycle / 0.5, 1.0) for step in steps]
     assert [beta for *_, beta, _ in events] == pytest.approx(expected)
 
