@@ -221,16 +221,19 @@ def image_mean(batches: list[dict[str, torch.Tensor]], name: str) -> float:
 
 
 class InfiniteKLAt(L.Callback):
-    """Test callback: at global step ``step`` the encoder gives log-variances of -inf, so that
-    sigma_q = 0: z and the reconstruction stay finite, the KL and the loss do not."""
+    """Test callback: at the ``batch``-th training batch of the run, the encoder gives
+    log-variances of -inf, so that sigma_q = 0: z and the reconstruction stay finite, the KL and
+    the loss do not."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.seen = 0
         self.hook = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if self.seen == self.batch:
             self.hook = pl_module.vae.encoder.register_forward_hook(self.no_variance)
+        self.seen += 1
 
     @staticmethod
     def no_variance(encoder, inputs, output):
@@ -243,14 +246,20 @@ class InfiniteKLAt(L.Callback):
             self.hook = None
 
 
+@pytest.mark.parametrize(
+    ("accumulate", "log_every", "infinite", "logged_steps"),
+    [(1, 1, 2, [0, 1, 3, 4, 5, 6, 7, 8, 9]), (2, 2, 5, [1, 3, 5])],
+    ids=["every step", "two batches an update"],
+)
 def test_logged_training_values_are_the_image_means_of_the_finite_steps_since_the_last(
-    cifar_dir, tmp_path
+    cifar_dir, tmp_path, accumulate, log_every, infinite, logged_steps
 ):
     """beta 0.5 rising from 0.2, free bits and a learned sigma (so loss, -ELBO and bpd all
-    differ), batches of 15 and 14, a step with an infinite loss but a finite reconstruction
-    skipped at step 2, logged every 2 steps over two epochs: each logged train/* value is the
-    image mean of its finite batches since the last row; sigma follows those batches' mean
-    squared error; the images trained count them."""
+    differ), two epochs of 5 batches, one batch with an infinite loss but a finite
+    reconstruction: each logged train/* value is the image mean of the finite batches since the
+    last row (a row with none has no train/* means); sigma follows the mean squared error of the
+    batches of finite updates; the images trained, in the module and its checkpoint, count the
+    finite batches. Batches accumulate into updates of ``accumulate``, the infinite one first."""
     schedule = {"kind": "linear", "start": 0.2, "warmup_steps": 3}
     head = head_config("gaussian", sigma=0.3, sigma_mode="optimal")
     module = VAELitModule(
@@ -258,7 +267,7 @@ def test_logged_training_values_are_the_image_means_of_the_finite_steps_since_th
     )
     events: list = []
     record_terms(module, events)
-    callbacks = [InfiniteKLAt(2), UpdateGuards(nonfinite_loss="skip")]
+    callbacks = [InfiniteKLAt(infinite), UpdateGuards(nonfinite_loss="skip")]
     trainer = fit_in_process(
         module,
         cifar_dir,
@@ -267,35 +276,44 @@ def test_logged_training_values_are_the_image_means_of_the_finite_steps_since_th
         callbacks,
         max_epochs=2,
         limit_val_batches=0,
-        log_every_n_steps=2,
+        log_every_n_steps=log_every,
+        accumulate_grad_batches=accumulate,
         logger=RecordingLogger(events),
     )
     batches = [terms for split, _, terms in events if split == "train"]
     sizes = [len(terms["loss"]) for terms in batches]
     assert len(sizes) == 10 and sum(sizes) == 2 * 72 and len(set(sizes)) == 2
-    assert [bool(t["loss"].isfinite().all()) for t in batches] == [i != 2 for i in range(10)]
-    assert batches[2]["recon_mse"].isfinite().all()
-    assert [beta for split, beta, _ in events if split == "train"] == pytest.approx(
-        [0.2, 0.3, 0.4] + [0.5] * 7
-    )
+    finite = [bool(terms["loss"].isfinite().all()) for terms in batches]
+    assert finite == [i != infinite for i in range(10)]
+    assert batches[infinite]["recon_mse"].isfinite().all()
+    per_epoch = math.ceil(5 / accumulate)
+    update = [epoch * per_epoch + i // accumulate for epoch in (0, 1) for i in range(5)]
+    betas = [0.2 + 0.3 * min(step / 3, 1.0) for step in update]
+    assert [beta for split, beta, _ in events if split == "train"] == pytest.approx(betas)
+
     rows, window = [], []
     for kind, step, values in events:
         if kind == "train" and values["loss"].isfinite().all():
             window.append(values)
-        elif kind == "log" and "train/loss" in values:
-            rows.append((step, window, values))
+        elif kind == "log":
+            assert ("train/loss" in values) == bool(window)
+            if window:
+                rows.append((step, window, values))
             window = []
-    assert [step for step, *_ in rows] == [1, 3, 5, 7, 9] and window == []
+    assert [step for step, *_ in rows] == logged_steps and window == []
     for step, window, logged in rows:
         expected = {f"train/{name}": image_mean(window, name) for name in (*METRICS, "sigma")}
         expected["train/beta"] = 0.2 + 0.3 * min(step / 3, 1.0)
         assert {key: logged[key] for key in expected} == pytest.approx(expected, rel=1e-6)
-    assert module.images_trained == 2 * 72 - sizes[2]
     assert trainer.callback_metrics["train/bpd"] == pytest.approx(rows[-1][2]["train/bpd"])
+    assert trainer.callback_metrics["train/bpd"].dtype == torch.float64  # no float32 rounding
+    images = sum(size for size, ok in zip(sizes, finite, strict=True) if ok)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert module.images_trained == saved["images_trained"] == images
 
     variance = torch.tensor(0.3**2, dtype=torch.float64)
-    for terms in batches:
-        if terms["loss"].isfinite().all():
+    for i, terms in enumerate(batches):
+        if all(finite[j] for j in range(10) if update[j] == update[i] and j <= i):
             variance += 0.01 * (terms["recon_mse"].mean() - variance)
     assert float(module.vae.likelihood.log_sigma) == pytest.approx(0.5 * math.log(variance))
 
@@ -336,6 +354,7 @@ def test_validation_and_test_metrics_are_the_image_means_of_their_split(cifar_di
     bpds = [logged["val/bpd"] for _, logged in validations]
     assert bpds[1] > bpds[0] and best == pytest.approx(min(bpds))
     assert set(trainer.progress_bar_metrics) == {"val/bpd"}
+    assert not any("train/beta" in values for kind, _, values in events if kind == "log")
 
     events.clear()
     trainer.test(module, datamodule=trainer.datamodule, verbose=False)

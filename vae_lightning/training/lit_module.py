@@ -164,11 +164,11 @@ class VAELitModule(L.LightningModule):
 
     def beta_at(self, step: int) -> float:
         """The KL weight of the training loss at optimizer step ``step``."""
-        kind = self.kl_schedule.kind
-        if kind == "constant" or self._trainer is None:
+        if self._trainer is None:  # outside a fit: the full weight
             return self.beta
         # a cyclical schedule spans the run (one without an end is refused in validate_config)
-        total = self.trainer.estimated_stepping_batches if kind == "cyclical" else math.inf
+        cyclical = self.kl_schedule.kind == "cyclical"
+        total = self.trainer.estimated_stepping_batches if cyclical else math.inf
         return self.kl_schedule(step, self.beta, total)
 
     def on_fit_start(self) -> None:  # pragma: no mutate block
@@ -251,19 +251,17 @@ class VAELitModule(L.LightningModule):
             self._window_images += images
             self._images_trained += round(images)
 
-    def _log_window(self, new_window: bool = True) -> None:
+    def _log_window(self, new_window: bool) -> None:
         """Log ``train/*``: each metric's mean over the images of the finite steps since the
         last logging step, and the counters; then start a new window. Logged as CPU values, so
         that neither the loggers nor a progress bar reading them wait for the device."""
-        values: dict[str, float] = {}
-        if self._window_images:
-            values |= {f"train/{k}": v / self._window_images for k, v in self._window.items()}
+        values = {f"train/{k}": v / self._window_images for k, v in self._window.items()}
         if self.kl_schedule.kind != "constant":  # that of the last update, which is done
             values["train/beta"] = self.beta_at(self.global_step - 1)
         if new_window:
             self._window, self._window_images = {}, 0.0
         cpu = {name: torch.tensor(float(v), dtype=torch.float64) for name, v in values.items()}
-        self.log_dict(cpu, on_step=True, on_epoch=False)
+        self.log_dict(cpu)  # per step, as Lightning logs in this hook
         self._logged = True
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:  # pragma: no mutate block
@@ -312,7 +310,7 @@ class VAELitModule(L.LightningModule):
             metric = self.eval_metrics[f"{split}_{name}"]
             metric.update(terms[name])
             prog_bar = split == "val" and name == "bpd"
-            self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, prog_bar=prog_bar)
+            self.log(f"{split}/{name}", metric, prog_bar=prog_bar)  # per epoch, as by default
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
