@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from tests.helpers import ADAM, MLP, composed, make_module
 from vae_lightning.training.lit_module import VAELitModule
@@ -35,10 +34,11 @@ def test_outside_a_fit_the_kl_weight_is_the_full_beta():
 
 
 def test_the_module_keeps_its_settings_resolved():
-    """Interpolations in the config (the cosine schedule's length is trainer.max_epochs) are
-    resolved into the plain settings that checkpoints keep."""
-    cfg = composed("model/arch=mlp", "model/scheduler=cosine", "trainer.max_epochs=7")
-    module = instantiate(cfg.model, _recursive_=False)
+    """Built from the nodes of a composed config (as a user's script may build it), its
+    interpolations (the cosine schedule's length is trainer.max_epochs) are resolved into the
+    plain settings that checkpoints keep."""
+    cfg = composed("model/arch=mlp", "model/scheduler=cosine", "trainer.max_epochs=7").model
+    module = VAELitModule(cfg.arch, cfg.optimizer, latent_dim=4, scheduler=cfg.scheduler)
     assert module.hparams.scheduler["T_max"] == 7
     assert type(module.hparams.arch) is dict and type(module.hparams.optimizer) is dict
 
