@@ -110,6 +110,7 @@ class VAELitModule(L.LightningModule):
         self._steps: DeviceRows | None = None
         self._update_start = 0  # the first of _steps that belongs to the update in progress
         self.update_finite: Tensor | None = None  # its losses so far were finite on every rank
+        self._update_sums: Tensor | None = None  # its batches' sums so far
         self._stepped = False
         self._logged = False  # train/* values were logged at the last step
         # On the host, since the last logging step: metric sums and images.
@@ -194,9 +195,8 @@ class VAELitModule(L.LightningModule):
             self._steps.append(sums)
             if self.update_finite is not None:  # accumulating gradients
                 finite = finite & self.update_finite
-            self.update_finite = finite
-            mse_sum = sums[self._step_names.index("recon_mse")]
-            self.vae.likelihood.update_running_sigma(mse_sum, sums[-1], accept=finite)
+                sums = self._update_sums + sums
+            self.update_finite, self._update_sums = finite, sums
         return loss
 
     def _global_sums(self, terms: dict[str, Tensor]) -> Tensor:
@@ -209,8 +209,14 @@ class VAELitModule(L.LightningModule):
         return sums
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        """The update's batches end here (the update guards, callbacks, decided on it first)."""
-        self.update_finite = None
+        """The update's batches end here (the update guards, callbacks, decided on it first).
+        Like the weights, sigma moves once per update, on all of its images, and only if all of
+        their losses were finite."""
+        with torch.no_grad():
+            mse_sum = self._update_sums[self._step_names.index("recon_mse")]
+            images = self._update_sums[-1]
+            self.vae.likelihood.update_running_sigma(mse_sum, images, accept=self.update_finite)
+        self.update_finite = self._update_sums = None
         self._update_start = len(self._steps)
         self._stepped = True
 
