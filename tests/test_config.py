@@ -90,6 +90,7 @@ def test_a_gaussian_setting_cannot_be_written_for_another_likelihood():
         ("eval.grid_limit=0", "eval.grid_limit", "> 0"),
         ("eval.fid.network=vgg", "eval.fid.network", "one of tf_inception, torch_fidelity"),
         ("eval.fid.num_samples=1", "eval.fid.num_samples", "integer >= 2"),
+        ("eval.fid.batch_size=1", "eval.fid.batch_size", "null or an integer >= 2"),
         ("eval.fid.enabled=1", "eval.fid.enabled", "true or false"),
     ],
 )

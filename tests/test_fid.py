@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers import LeavesMarker, run_module, write_cifar10
+from vae_lightning.core.architectures import MLPDecoder, MLPEncoder
+from vae_lightning.core.vae import VAE
 from vae_lightning.data.cifar10 import read_cifar10
 from vae_lightning.evaluation import pass_progress
 from vae_lightning.evaluation.feature_networks import (
@@ -33,6 +35,8 @@ from vae_lightning.evaluation.fid import (
     real_statistics,
     tf_bilinear_resize,
 )
+from vae_lightning.evaluation.metrics import fid_scores
+from vae_lightning.evaluation.samplers import PriorSampler
 from vae_lightning.fid import OPTIONS
 
 
@@ -224,6 +228,25 @@ def test_real_statistics_are_those_of_the_first_images_of_the_split_cached_per_d
     stats = real_statistics(FlatFeatures(), data, "test", 10, tmp_path / "cache", cpu, 6)
     expected = read_cifar10(data, train=False)[0][:10].flatten(1)[:, :4].double()
     torch.testing.assert_close(stats.mean, expected.mean(0))
+
+
+def test_a_samplers_images_are_one_draw_of_n_latents_whatever_the_network_batch(
+    cifar_dir, tmp_path
+):
+    torch.manual_seed(0)
+    vae = VAE(MLPEncoder(2, [8]), MLPDecoder(2, [8]), latent_dim=2).eval()
+    images = read_cifar10(cifar_dir, train=False)[0][:10]
+    z = torch.randn(10, 2, generator=torch.Generator().manual_seed(7))
+    pixels = generated_slices(lambda start, stop: vae.decode(z[start:stop]))(0, 10)
+    train = stats_of(FlatFeatures()(read_cifar10(cifar_dir, train=True)[0]))
+    expected = frechet_distance(stats_of(FlatFeatures()(pixels)), train)
+    for batch_size in (3, 10):
+        cache = tmp_path / f"cache{batch_size}"
+        scores = fid_scores(
+            FlatFeatures(), vae, images, {"prior": PriorSampler(2)}, {"prior": {}}, cifar_dir,
+            cache, "checkpoint", 7, batch_size,
+        )  # fmt: skip
+        assert scores["fid_prior"] == pytest.approx(expected, rel=1e-9), batch_size
 
 
 def test_statistics_are_cached_under_their_key(tmp_path):

@@ -107,9 +107,11 @@ def validate_eval_config(cfg: DictConfig) -> None:
     _check_checkpoint(cfg)
     network = _get(cfg, "eval.fid.network")
     check_network(network)
-    for key in ("eval.fid.num_samples", "eval.fid.batch_size"):
-        value = _get(cfg, key)
-        _check(_is_int(value) and value >= 2, key, value, "an integer >= 2")
+    n = _get(cfg, "eval.fid.num_samples")
+    _check(_is_int(n) and n >= 2, "eval.fid.num_samples", n, "an integer >= 2")
+    batch = _get(cfg, "eval.fid.batch_size")
+    allowed = "null or an integer >= 2"
+    _check(batch is None or (_is_int(batch) and batch >= 2), "eval.fid.batch_size", batch, allowed)
     for key in ("eval.num_samples", "eval.max_batch", "eval.grid_points", "data.batch_size"):
         value = _get(cfg, key)
         _check(_is_int(value) and value >= 1, key, value, "an integer >= 1")

@@ -24,7 +24,7 @@ from torch import nn
 from vae_lightning.cli import CONFIG_DIR, one_line_errors, quiet_third_party_warnings
 from vae_lightning.config import build, validate_eval_config
 from vae_lightning.evaluation.feature_networks import FIDUnavailableError, build_extractor
-from vae_lightning.evaluation.fid import DEFAULT_CACHE
+from vae_lightning.evaluation.fid import DEFAULT_CACHE, network_batch_size
 from vae_lightning.evaluation.metrics import (
     fid_scores,
     likelihood_metrics,
@@ -177,7 +177,7 @@ def _fid(
         Path(fid.cache_dir) if fid.cache_dir else DEFAULT_CACHE,
         checkpoint_digest,
         cfg.seed,
-        fid.batch_size,
+        fid.batch_size or network_batch_size(next(vae.parameters()).device),
     )
     return {**scores, "fid_network": extractor.name, "fid_seconds": time.perf_counter() - started}
 

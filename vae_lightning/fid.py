@@ -15,7 +15,12 @@ import torch
 from vae_lightning.cli import argument_parser, one_line_errors
 from vae_lightning.data.cifar10 import ensure_cifar10
 from vae_lightning.evaluation.feature_networks import NETWORKS, build_extractor
-from vae_lightning.evaluation.fid import DEFAULT_CACHE, frechet_distance, real_statistics
+from vae_lightning.evaluation.fid import (
+    DEFAULT_CACHE,
+    frechet_distance,
+    network_batch_size,
+    real_statistics,
+)
 from vae_lightning.files import write_text_atomically
 
 OPTIONS = {"feature_extractor": "--feature-extractor", "inception_weights": "--inception-weights"}
@@ -36,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--feature-extractor", help="a TorchScript file instead of --network")
     parser.add_argument("--inception-weights", help="a local weights file for --network")
-    parser.add_argument("--batch-size", type=int, default=200, help="images per network call")
+    parser.add_argument(
+        "--batch-size", type=int, help="images per network call (default: 200 on a GPU, 8 on a CPU)"
+    )
     parser.add_argument(
         "--cache-dir", type=Path, default=DEFAULT_CACHE, help="statistics, kept between calls"
     )
@@ -47,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("num_train", "num_test", "batch_size"):
-        if getattr(args, name) < 2:
+        if getattr(args, name) is not None and getattr(args, name) < 2:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: it must be at least 2")
     with one_line_errors():
         ensure_cifar10(args.data_dir, download=True)
@@ -56,10 +63,11 @@ def main(argv: list[str] | None = None) -> None:
             args.network, args.feature_extractor, args.inception_weights, OPTIONS
         )
         extractor = extractor.to(device)
+        batch_size = args.batch_size or network_batch_size(device)
         started = time.perf_counter()
         stats = {
             split: real_statistics(
-                extractor, args.data_dir, split, n, args.cache_dir, device, args.batch_size
+                extractor, args.data_dir, split, n, args.cache_dir, device, batch_size
             )
             for split, n in (("train", args.num_train), ("test", args.num_test))
         }

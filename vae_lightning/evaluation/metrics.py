@@ -137,7 +137,9 @@ def fid_scores(
     against the training images (``fid_floor``), the first N training images against the test
     images (``fid_floor_test``). Real statistics are cached per data files and count, generated
     ones per checkpoint, set, its ``settings``, seed and N, so a repeated or interrupted
-    evaluation resumes. ``fid_sets`` lists the sets, in order."""
+    evaluation resumes. A sampler's N latents are one draw from a generator seeded with
+    ``seed``, so its images do not depend on ``batch_size`` (images per network call).
+    ``fid_sets`` lists the sets, in order."""
     device = next(vae.parameters()).device
     extractor = extractor.to(device)
     n = len(images)
@@ -152,11 +154,8 @@ def fid_scores(
     }
 
     def drawn(sampler: LatentSampler) -> Callable[[int, int], Tensor]:
-        def images_from(start: int, stop: int) -> Tensor:
-            generator = torch.Generator(device).manual_seed(seed + start)
-            return vae.decode(sampler.sample(stop - start, generator))
-
-        return images_from
+        latents = sampler.sample(n, torch.Generator(device).manual_seed(seed))
+        return lambda start, stop: vae.decode(latents[start:stop])
 
     def reconstructions(start: int, stop: int) -> Tensor:
         x = to_unit_interval(images[start:stop].to(device), dequantize=False)
@@ -172,6 +171,7 @@ def fid_scores(
             "settings": set_settings,
             "n": n,
             "seed": seed,
+            "latents": "one draw of N",
         }
 
         def compute(partial: Path, make=make, name=name) -> FeatureStats:
