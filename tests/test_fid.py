@@ -23,6 +23,7 @@ from vae_lightning.evaluation.feature_networks import (
     FIDUnavailableError,
     TFInception,
     build_extractor,
+    load_torchscript,
     tf_inception_file,
 )
 from vae_lightning.evaluation.fid import (
@@ -370,13 +371,18 @@ def test_the_tf_inception_network_gives_pool3_features():
 def test_the_fid_command_compares_the_splits_and_caches_them(cifar_dir, tmp_path):
     extractor = tmp_path / "features.pt"
     torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(3072, 5))).save(str(extractor))
-    args = [f"--data-dir={cifar_dir}", f"--feature-extractor={extractor}", "--batch-size=16"]
+    args = [f"--data-dir={cifar_dir}", f"--feature-extractor={extractor}"]
     args += [f"--cache-dir={tmp_path / 'cache'}", f"--output={tmp_path / 'fid.json'}"]
     args += ["--num-train=40", "--num-test=12"]
     proc = run_module("vae_lightning.fid", args, cwd=tmp_path)
     assert proc.stdout.startswith("FID(train 40, test 12) = ")
     result = json.loads((tmp_path / "fid.json").read_text())
-    assert result["num_train"] == 40 and result["num_test"] == 12 and result["fid"] > 0
+    assert result["num_train"] == 40 and result["num_test"] == 12
+    net = load_torchscript(extractor)
+    train, test = (read_cifar10(cifar_dir, train=t)[0][:n] for t, n in ((True, 40), (False, 12)))
+    with torch.no_grad():
+        expected = frechet_distance(stats_of(net(test / 255.0)), stats_of(net(train / 255.0)))
+    assert result["fid"] == pytest.approx(expected, rel=1e-5)  # in calls of 8 images, the default
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
     again = run_module("vae_lightning.fid", args, cwd=tmp_path)
     assert "FID features" not in again.stderr  # both sets from the cache
