@@ -23,8 +23,12 @@ from torch import nn
 
 from vae_lightning.cli import CONFIG_DIR, one_line_errors, quiet_third_party_warnings
 from vae_lightning.config import build, validate_eval_config
-from vae_lightning.evaluation.feature_networks import FIDUnavailableError, build_extractor
-from vae_lightning.evaluation.fid import DEFAULT_CACHE, network_batch_size
+from vae_lightning.evaluation.feature_networks import (
+    FIDUnavailableError,
+    build_extractor,
+    network_batch_size,
+)
+from vae_lightning.evaluation.fid import DEFAULT_CACHE
 from vae_lightning.evaluation.metrics import (
     fid_scores,
     likelihood_metrics,

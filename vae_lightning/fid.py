@@ -14,13 +14,8 @@ import torch
 
 from vae_lightning.cli import argument_parser, one_line_errors
 from vae_lightning.data.cifar10 import ensure_cifar10
-from vae_lightning.evaluation.feature_networks import NETWORKS, build_extractor
-from vae_lightning.evaluation.fid import (
-    DEFAULT_CACHE,
-    frechet_distance,
-    network_batch_size,
-    real_statistics,
-)
+from vae_lightning.evaluation.feature_networks import NETWORKS, build_extractor, network_batch_size
+from vae_lightning.evaluation.fid import DEFAULT_CACHE, frechet_distance, real_statistics
 from vae_lightning.files import write_text_atomically
 
 OPTIONS = {"feature_extractor": "--feature-extractor", "inception_weights": "--inception-weights"}

@@ -30,6 +30,13 @@ EVAL_SETTINGS = {
 """How ``vae_lightning.evaluate`` names the files of the feature network."""
 
 
+def network_batch_size(device: torch.device) -> int:
+    """Images per feature-network call when none is set: 200 on a GPU; 8 on a CPU, where small
+    calls keep each layer's activations in cache (TF-Inception on 2 cores: 8.8 images/s against
+    5.3 with 200)."""
+    return 200 if device.type == "cuda" else 8
+
+
 class FIDUnavailableError(UserError, RuntimeError):
     """The default feature network cannot be had (not installed, or no weights on disk)."""
 

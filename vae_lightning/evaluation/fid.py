@@ -29,13 +29,6 @@ INCEPTION_SIZE = 299
 DEFAULT_CACHE = Path.home() / ".cache" / "vae_lightning" / "fid"
 
 
-def network_batch_size(device: torch.device) -> int:
-    """Images per feature-network call when none is set: 200 on a GPU; 8 on a CPU, where small
-    calls keep each layer's activations in cache (TF-Inception on 2 cores: 8.8 images/s against
-    5.3 with 200)."""
-    return 200 if device.type == "cuda" else 8
-
-
 def tf_bilinear_resize(x: Tensor, size: int = INCEPTION_SIZE) -> Tensor:
     """Resize ``(N, C, H, W)`` to ``size x size`` as TensorFlow 1's ``resize_bilinear`` does
     (no half-pixel centres): output pixel j samples the input at j * H / size, clamped at the
