@@ -64,10 +64,11 @@ class VAELitModule(L.LightningModule):
     ``likelihood_shortcuts`` are the settings a ``model/likelihood`` file
     puts beside it so that each is one short key to override (``model.sigma``): the head reads
     them by interpolation, and the module keeps them only among its hyperparameters.
-    ``compile`` compiles encoder and decoder with ``torch.compile``. ``kl_schedule`` varies
-    beta over the steps (``KLSchedule``), and ``free_bits`` floors each latent dimension's KL in
-    the loss. ``update_finite`` tells the update guards (``UpdateGuards``, a callback) whether
-    the losses of the update in progress were finite on every rank.
+    ``compile`` compiles encoder, decoder and likelihood with ``torch.compile``
+    (``VAE.compile``). ``kl_schedule`` varies beta over the steps (``KLSchedule``), and
+    ``free_bits`` floors each latent dimension's KL in the loss. ``update_finite`` tells the
+    update guards (``UpdateGuards``, a callback) whether the losses of the update in progress
+    were finite on every rank.
     """
 
     def __init__(
@@ -120,9 +121,8 @@ class VAELitModule(L.LightningModule):
         self.channels_last = bool(arch.get("channels_last", False))
         if self.channels_last:
             self.vae.to(memory_format=torch.channels_last)
-        if compile:  # in place: the state dict keeps its keys
-            self.vae.encoder.compile()
-            self.vae.decoder.compile()
+        if compile:
+            self.vae.compile()
         else:  # the model summary runs it once, for each layer's sizes and FLOPs
             self.example_input_array = torch.zeros(1, 3, 32, 32)
         self.best_val_bpd = math.inf  # over the run's validations, resumes included
