@@ -363,8 +363,11 @@ def test_the_tf_inception_network_gives_pool3_features():
     with torch.no_grad():
         features = network(images)
     assert features.shape == (2, 2048) and features.min() >= 0  # after ReLU and pooling
+    standard_layout = load_torchscript(path).eval()  # the network as shipped, NCHW
     with torch.no_grad():
         torch.testing.assert_close(network(images[:1]), features[:1], atol=1e-4, rtol=1e-4)
+        scaled = tf_bilinear_resize(images.float()) / 128.0 - 1.0
+        torch.testing.assert_close(features, standard_layout(scaled), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.cli
