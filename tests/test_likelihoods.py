@@ -114,20 +114,30 @@ def test_logistic_mixture_equals_a_slow_direct_computation(log_scale):
         assert fast[b].item() == pytest.approx(slow_logistic_mixture_log_prob(raw[b], x[b], m))
 
 
-def test_logistic_mixture_probabilities_of_all_colours_sum_to_one():
+def test_logistic_mixture_colours_with_one_red_value_sum_to_the_red_marginal():
+    """Summed over all 256^2 green and blue values, the probabilities of the colours with red
+    value k are P(R = k), the mixture of red's own logistic bins (edge bins open), whatever
+    green's and blue's dependence on red: the conditionals of green and blue sum to one."""
     m = 2
     gen = torch.Generator().manual_seed(1)
     raw = torch.randn(1, 10 * m, 1, 1, generator=gen, dtype=torch.float64)
     raw[:, 4 * m : 7 * m] = -3.0  # narrow components: the sum must get the bins right
     raw[:, 7 * m :] *= 3.0  # strong channel coefficients
-    raw, values = raw.float(), ALL_VALUES[:, 0].float()  # 256^3 colours: float32 halves the time
+    weights = raw[0, :m, 0, 0].softmax(0)
+    means, scales = raw[0, m : 2 * m, 0, 0], raw[0, 4 * m : 5 * m, 0, 0].exp()  # red's
+    edges = torch.cat(
+        [torch.tensor([-math.inf]), torch.arange(1, 256) / 128 - 1, torch.tensor([math.inf])]
+    )
+    cdf = torch.sigmoid((edges.view(-1, 1) - means) / scales)
+    red_marginal = ((cdf[1:] - cdf[:-1]) * weights).sum(1)
+
+    raw, values = raw.float(), ALL_VALUES[:, 0].float()  # 256^2 colours a slice: float32
     g, b = torch.meshgrid(values, values, indexing="ij")
-    total = 0.0
-    for r in values:
-        x = torch.stack([torch.full_like(g, r), g, b]).flatten(1).T.reshape(-1, 3, 1, 1)
+    for k in (0, 1, 100, 127, 128, 254, 255):
+        x = torch.stack([torch.full_like(g, values[k]), g, b]).flatten(1).T.reshape(-1, 3, 1, 1)
         p = DiscretizedLogisticMixture(raw.expand(len(x), -1, -1, -1), m)
-        total += p.log_prob(x).double().exp().sum().item()
-    assert total == pytest.approx(1.0, abs=1e-6)
+        total = p.log_prob(x).double().exp().sum().item()
+        assert total == pytest.approx(red_marginal[k].item(), abs=1e-6, rel=1e-5), k
 
 
 def test_logistic_mixture_samples_lie_on_bin_centres_and_average_to_the_mean():
