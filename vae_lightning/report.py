@@ -33,8 +33,8 @@ METRICS = (
 )
 PLOTTED = ("val/bpd_best", "test/bpd", "test/elbo", "test/kl", "test/recon_mse")
 COMPARED_BY = "val/bpd_best"
-COSTS = {"num_params": "params (M)", "fit_seconds": "train time (min)"}
-SCALES = {"num_params": 1e-6, "fit_seconds": 1 / 60}
+COSTS = {"num_params": ("params (M)", 1e-6), "fit_seconds": ("train time (min)", 1 / 60)}
+"""Per cost metric: its column label and the factor to that label's unit."""
 
 
 def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -77,8 +77,8 @@ def table_rows(jobs: list[dict[str, Any]], params: list[str]) -> list[dict[str, 
     for job in jobs:
         metrics = job["metrics"]
         costs = {
-            label: metrics[key] * SCALES[key] if key in metrics else None
-            for key, label in COSTS.items()
+            label: metrics[key] * scale if key in metrics else None
+            for key, (label, scale) in COSTS.items()
         }
         rows.append(
             {"job": job["job"]}
