@@ -49,6 +49,11 @@ def mlp(sizes: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def latent_to_maps(latent_dim: int, channels: int, side: int) -> list[nn.Module]:
+    """A decoder's opening: a linear map from z to ``channels`` feature maps of ``side`` pixels."""
+    return [nn.Linear(latent_dim, channels * side * side), nn.Unflatten(1, (channels, side, side))]
+
+
 class MLPEncoder(nn.Sequential):
     """Flattens x into R^3072 and maps it through fully connected layers."""
 
@@ -101,10 +106,7 @@ class ConvDecoder(nn.Sequential):
         check_widths("channels", channels, MAX_STAGES)
         check_count("out_channels", out_channels)
         side = IMAGE_SHAPE[1] >> len(channels)
-        layers: list[nn.Module] = [
-            nn.Linear(latent_dim, channels[0] * side * side),
-            nn.Unflatten(1, (channels[0], side, side)),
-        ]
+        layers = latent_to_maps(latent_dim, channels[0], side)
         for c_in, c_out in zip(channels, [*channels[1:], out_channels], strict=True):
             layers += [nn.SiLU(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
         super().__init__(*layers)
@@ -160,10 +162,7 @@ class ResNetDecoder(nn.Sequential):
         check_count("blocks_per_stage", blocks_per_stage)
         check_count("out_channels", out_channels)
         side = IMAGE_SHAPE[1] >> len(channels)
-        layers: list[nn.Module] = [
-            nn.Linear(latent_dim, channels[0] * side * side),
-            nn.Unflatten(1, (channels[0], side, side)),
-        ]
+        layers = latent_to_maps(latent_dim, channels[0], side)
         for c_in, c_out in zip([channels[0], *channels[:-1]], channels, strict=True):
             layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c_in, c_out, 3, padding=1)]
             layers += [ResidualBlock(c_out) for _ in range(blocks_per_stage)]
@@ -205,10 +204,7 @@ class ConvBNDecoder(nn.Sequential):
         check_widths("channels", channels, MAX_STAGES + 1)
         check_count("out_channels", out_channels)
         side = IMAGE_SHAPE[1] >> (len(channels) - 1)
-        layers: list[nn.Module] = [
-            nn.Linear(latent_dim, channels[0] * side * side),
-            nn.Unflatten(1, (channels[0], side, side)),
-        ]
+        layers = latent_to_maps(latent_dim, channels[0], side)
         for c_in, c_out in pairwise(channels):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
             layers += [nn.BatchNorm2d(c_out), nn.ReLU()]
