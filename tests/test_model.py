@@ -219,6 +219,25 @@ def test_compiled_module_matches_eager_in_loss_and_gradients():
         torch.testing.assert_close(compiled[name].grad, parameter.grad, rtol=1e-9, atol=1e-9)
 
 
+def test_compile_settings_reach_the_encoder_the_decoder_and_the_likelihood_terms():
+    """``VAE.compile(**settings)`` compiles the three parts with those settings: here a backend
+    that records each graph it gets, among them the likelihood terms' (decoder outputs in)."""
+    inputs_of_graphs = []
+
+    def recording_backend(graph, example_inputs):
+        inputs_of_graphs.append([tuple(t.shape) for t in example_inputs if torch.is_tensor(t)])
+        return graph.forward
+
+    likelihood = head_config("logistic_mixture", num_mixtures=3)
+    module = VAELitModule(arch=MLP, optimizer=ADAM, latent_dim=4, likelihood=likelihood).double()
+    torch.compiler.reset()  # graphs cached by earlier compiles would not reach the backend
+    module.vae.compile(backend=recording_backend)
+    module.compute_terms(batch(2))
+    decoder_outputs = (2, 30, 32, 32)  # 10 channels per mixture component
+    assert len(inputs_of_graphs) >= 3
+    assert any(decoder_outputs in shapes for shapes in inputs_of_graphs)
+
+
 def test_adam_and_sgd_are_fused_unless_the_config_chooses():
     def defaults(**optimizer) -> dict:
         module = VAELitModule(arch=MLP, optimizer={"_partial_": True, **optimizer}, latent_dim=4)
