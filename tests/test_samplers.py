@@ -68,6 +68,26 @@ def test_the_second_stage_learns_a_correlated_gaussian_of_latents():
     torch.testing.assert_close(torch.cov(z.T), cholesky @ cholesky.T, atol=0.2, rtol=0)
 
 
+def test_the_second_stage_draws_its_density_and_with_no_decoder_noise_its_means():
+    """A second stage whose decoder ignores u and outputs c, with sigma 0.7: its density is
+    N(c, 0.49 I), and its decoder means are c."""
+    c = torch.tensor([1.0, -2.0, 0.5])
+    draws = {}
+    for noise in (True, False):
+        sampler = TwoStageSampler(3, hidden_dims=[4], decoder_noise=noise)
+        with torch.no_grad():
+            for parameter in sampler.vae.decoder.parameters():
+                parameter.zero_()
+            sampler.vae.decoder[-1].bias.copy_(c)
+            sampler.vae.likelihood.log_sigma.fill_(math.log(0.7))
+        draws[noise] = sampler.sample(50_000, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draws[True].mean(0), c, atol=0.02, rtol=0)
+    torch.testing.assert_close(draws[True].std(0), torch.full((3,), 0.7), atol=0.01, rtol=0)
+    assert torch.equal(draws[False], c.expand(50_000, 3))
+    with pytest.raises(ConfigError, match="decoder_noise='yes' is not allowed"):
+        TwoStageSampler(3, decoder_noise="yes")
+
+
 def test_the_second_stage_loss_is_the_negative_elbo_written_out():
     sampler = TwoStageSampler(3, second_latent_dim=2, hidden_dims=[8])
     vae = sampler.vae

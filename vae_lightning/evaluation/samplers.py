@@ -124,8 +124,12 @@ class GaussianMixtureSampler(LatentSampler):
 
 class TwoStageSampler(LatentSampler):
     """The two-stage VAE (Dai & Wipf 2019): a second VAE, with MLPs of ``hidden_dims`` and a
-    learned Gaussian sigma, trained on one posterior sample per training image; its decoder
-    means for u ~ N(0, I) are the latents. Its loss is ``VAE.elbo_terms``, the first stage's."""
+    learned Gaussian sigma, trained on one posterior sample per training image. Its loss is
+    ``VAE.elbo_terms``, the first stage's. The latents are draws of its density,
+    z = f(u) + sigma * eps for u, eps ~ N(0, I), or with ``decoder_noise=False`` its decoder
+    means f(u) alone, as Dai & Wipf: the same where sigma goes to 0, but where the latents are
+    nearly Gaussian already (a first stage with a fixed sigma), the second stage keeps sigma
+    large and f(u) alone shrinks the latents towards their mean."""
 
     def __init__(
         self,
@@ -135,9 +139,15 @@ class TwoStageSampler(LatentSampler):
         epochs: int = 50,
         batch_size: int = 250,
         lr: float = 1e-3,
+        decoder_noise: bool = True,
     ) -> None:
         super().__init__(latent_dim)
         check_widths("hidden_dims", hidden_dims)
+        if not isinstance(decoder_noise, bool):
+            raise ConfigError(
+                f"decoder_noise={decoder_noise!r} is not allowed: decoder_noise must be true or "
+                "false."
+            )
         _require_count("epochs", epochs)
         _require_count("batch_size", batch_size)
         if second_latent_dim is not None:
@@ -145,6 +155,7 @@ class TwoStageSampler(LatentSampler):
         if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
             raise ConfigError(f"lr={lr!r} is not allowed: lr must be a number > 0.")
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+        self.decoder_noise = decoder_noise
         inner = second_latent_dim or latent_dim
         hidden = list(hidden_dims)
         self.vae = VAE(
@@ -170,8 +181,19 @@ class TwoStageSampler(LatentSampler):
                     optimizer.step()
         self.vae.eval()
 
+    @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator) -> Tensor:
-        return self.vae.sample(num_samples, generator=generator)
+        if not self.decoder_noise:
+            return self.vae.sample(num_samples, generator=generator)
+        param = next(self.vae.decoder.parameters())
+        u = torch.randn(
+            num_samples,
+            self.vae.latent_dim,
+            generator=generator,
+            device=param.device,
+            dtype=param.dtype,
+        )
+        return self.vae.observation_model(u).sample(generator)
 
 
 def load_or_fit(
