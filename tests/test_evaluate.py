@@ -37,7 +37,14 @@ from vae_lightning.report import (
     table_rows,
     write_report,
 )
-from vae_lightning.results import best_checkpoint, bpd_kind, evaluation, saved_val_bpd, table_row
+from vae_lightning.results import (
+    best_checkpoint,
+    bpd_kind,
+    evaluation,
+    run_name,
+    saved_val_bpd,
+    table_row,
+)
 from vae_lightning.training.checkpoint_format import current_settings
 from vae_lightning.training.checkpoints import load_model
 
@@ -291,6 +298,16 @@ def test_the_results_table_evaluates_each_run_once(cifar_dir, trained_2d, tmp_pa
     assert proc.stdout.startswith(header)
     again = run_module("vae_lightning.results", args, cwd=tmp_path)
     assert "Evaluating" not in again.stderr  # the evaluation is reused
+
+
+def test_a_run_is_named_by_the_overrides_that_change_its_results(tmp_path):
+    """Not where its data and outputs are, its loggers, the checkpoint it resumed from, or
+    whether it tested at its end."""
+    (tmp_path / ".hydra").mkdir()
+    overrides = ["experiment=reference/latent_128", "data.data_dir=/d", "logger=csv", "test=true"]
+    overrides += ["hydra.run.dir=/r", "ckpt_path=/r/checkpoints/last.ckpt", "model.beta=0.5"]
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
+    assert run_name(tmp_path) == "experiment=reference/latent_128 model.beta=0.5"
 
 
 def test_the_results_table_takes_the_kept_checkpoint_with_the_lowest_val_bpd(cifar_dir, tmp_path):

@@ -17,9 +17,10 @@ class RunFilesNotFoundError(UserError, FileNotFoundError):
     """A folder holds none of the run files a command reads; the message names it."""
 
 
-NOT_RESULT_SETTINGS = ("data.data_dir", "paths.", "logger", "hydra.")
-"""Overrides that change no result (where the data is, where outputs go, the loggers): left
-out where runs are named or compared."""
+NOT_RESULT_SETTINGS = ("data.data_dir", "paths.", "logger", "hydra.", "ckpt_path", "test")
+"""Overrides that change no result (where the data is, where outputs go, the loggers, the
+checkpoint a run resumed from, whether it tested at its end): left out where runs are named or
+compared."""
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
