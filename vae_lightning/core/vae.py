@@ -179,15 +179,18 @@ class VAE(nn.Module):
         self.decoder.compile(**kwargs)
         self.observed_terms = torch.compile(self.observed_terms, **kwargs)
 
-    @torch.no_grad()
-    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """Decoder means for z drawn from the prior N(0, I)."""
+    def prior_draws(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """``num_samples`` latents z ~ N(0, I), on the decoder's device and in its dtype."""
         param = next(self.decoder.parameters())
-        z = torch.randn(
+        return torch.randn(
             num_samples,
             self.latent_dim,
             generator=generator,
             device=param.device,
             dtype=param.dtype,
         )
-        return self.decode(z)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """Decoder means for z drawn from the prior N(0, I)."""
+        return self.decode(self.prior_draws(num_samples, generator))

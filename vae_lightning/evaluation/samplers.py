@@ -183,17 +183,8 @@ class TwoStageSampler(LatentSampler):
 
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator) -> Tensor:
-        if not self.decoder_noise:
-            return self.vae.sample(num_samples, generator=generator)
-        param = next(self.vae.decoder.parameters())
-        u = torch.randn(
-            num_samples,
-            self.vae.latent_dim,
-            generator=generator,
-            device=param.device,
-            dtype=param.dtype,
-        )
-        return self.vae.observation_model(u).sample(generator)
+        p_z = self.vae.observation_model(self.vae.prior_draws(num_samples, generator))
+        return p_z.sample(generator) if self.decoder_noise else p_z.mean
 
 
 def load_or_fit(
