@@ -283,7 +283,10 @@ def test_same_seed_same_numbers(cifar_dir, tmp_path):
     ("override", "message"),
     [
         ("model.latent_dim=0", "model.latent_dim=0 is not allowed: model.latent_dim must be"),
-        ("model.sigma=-1", "model.sigma=-1 is not allowed: model.sigma must be a number > 0"),
+        (  # added by force where no Gaussian head reads it
+            "model/likelihood=logistic_mixture +model.sigma=0.3",
+            "model.sigma=0.3 is not allowed: nothing reads model.sigma.",
+        ),
         (
             "data.batch_size=73",
             "data.batch_size=73 is larger than the training set (72 images once "
@@ -293,7 +296,9 @@ def test_same_seed_same_numbers(cifar_dir, tmp_path):
     ],
 )
 def test_bad_settings_fail_before_training_with_one_message(cifar_dir, tmp_path, override, message):
-    proc = run_train([override, f"data.data_dir={cifar_dir}"], cwd=tmp_path, expect_ok=False)
+    proc = run_train(
+        [*override.split(), f"data.data_dir={cifar_dir}"], cwd=tmp_path, expect_ok=False
+    )
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -57,6 +57,8 @@ def test_defaults_are_valid():
         ("paths.output_root=", "paths.output_root", "a folder path"),
         ("tags=baseline", "tags", "a list of names"),
         ("model.free_bits=-1", "model.free_bits", ">= 0"),
+        ("+model.sigm=0.2", "model.sigm", "nothing reads model.sigm. The model's settings are"),
+        ("model/likelihood=logistic_mixture +model.sigma=0.3", "model.sigma", "nothing reads"),
         (f"{GUARDS}.skip_grad_norm=0", f"{GUARDS}.skip_grad_norm", "null or a number > 0"),
         (f"{GUARDS}.nonfinite_loss=go", f"{GUARDS}.nonfinite_loss", "stop or skip"),
         ("model.kl_schedule.kind=cosine", "model.kl_schedule.kind", "constant, linear, cyclical"),

@@ -1,5 +1,7 @@
 """Checks of the composed config, so that bad settings fail before any data or model is built."""
 
+import inspect
+import json
 import re
 from collections.abc import Callable
 from numbers import Real
@@ -8,7 +10,7 @@ from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -156,6 +158,7 @@ def validate_config(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "callbacks.update_guards") is not None:
         build(cfg, "callbacks.update_guards")  # the guards check their own settings
     build(cfg, "model.likelihood")  # the head checks its own settings
+    _check_model_keys(cfg)
     _check_scheduler(cfg)
     _check_objective(cfg)
     workers = _get(cfg, "data.num_workers")
@@ -189,6 +192,30 @@ def validate_config(cfg: DictConfig) -> None:
     )
     _check_wandb(cfg)
     _check_checkpoint(cfg)
+
+
+def _check_model_keys(cfg: DictConfig) -> None:
+    """When the model's ``_target_`` takes ``**kwargs`` (``VAELitModule`` takes the settings a
+    likelihood file puts beside its head), each of its other keys must be one that the model's
+    config reads by interpolation (``model.sigma``): an added key that nothing reads
+    (``+model.sigma=0.3`` beside the logistic mixture) would be ignored, while the run's name
+    shows it as if it had counted."""
+    model = OmegaConf.to_container(cfg.model, resolve=False)
+    try:
+        parameters = inspect.signature(get_class(model["_target_"])).parameters
+    except Exception:
+        return  # building the model names what is wrong with its target
+    named = {n for n, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if len(named) == len(parameters):
+        return  # the constructor refuses an unknown key itself
+    read = set(re.findall(r"\$\{(?:model\.|\.+)(\w+)", json.dumps(model)))
+    for key, value in model.items():
+        if key not in {"_target_", "defaults", *named, *read}:
+            settings = ", ".join(f"model.{name}" for name in sorted(named | read))
+            raise ConfigError(
+                f"model.{key}={value!r} is not allowed: nothing reads model.{key}. "
+                f"The model's settings are {settings}."
+            )
 
 
 def _check_scheduler(cfg: DictConfig) -> None:
